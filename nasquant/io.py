@@ -1,0 +1,45 @@
+"""File writing that never leaves a half-written artifact under its final name."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``final``; rename it over ``final`` only if the block succeeds.
+
+    Same directory, so the rename is atomic; on any error or Ctrl-C the temporary file is removed.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".part", dir=final.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: str | os.PathLike, payload: Any) -> Path:
+    """Write ``payload`` as indented JSON, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2, sort_keys=False, default=_json_default) + "\n")
+    return Path(path)
+
+
+def _json_default(value: Any) -> Any:
+    # numpy scalars and paths appear in metric dicts; make them plain JSON values.
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise TypeError(f"cannot serialise {type(value).__name__} to JSON")

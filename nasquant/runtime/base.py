@@ -1,0 +1,32 @@
+"""The one interface every execution backend implements (torch now; ONNX Runtime and TensorRT later).
+
+Validation, prediction and benchmarking are written once against :class:`Backend`, the way
+polygraphy puts every runtime behind one small runner interface.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import numpy as np
+
+
+class Backend(ABC):
+    """Runs a preprocessed batch and returns decoded network outputs.
+
+    ``run`` takes float32 ``(N, 3, H, W)`` images in [0, 1] and returns ``(boxes, scores)`` as float32
+    numpy arrays: ``(N, A, 4)`` xyxy in input pixels and ``(N, A, C)`` class probabilities.
+    """
+
+    #: short backend name: ``torch``, ``onnxruntime``, ``tensorrt``
+    name: str
+    #: numeric precision of the weights/activations: ``fp32``, ``fp16``, ``int8``
+    precision: str
+    #: where it runs: ``cpu``, ``cuda:0``, ...
+    device: str
+
+    @abstractmethod
+    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def describe(self) -> str:
+        return f"{self.name} {self.precision} on {self.device}"
