@@ -1,0 +1,6 @@
+"""Post-processing (score filter, top-k, class-aware NMS) and COCO metrics by pycocotools."""
+
+from nasquant.eval.coco import STAT_NAMES, coco_detections, evaluate_coco
+from nasquant.eval.postprocess import Detections, NMSSettings, postprocess
+
+__all__ = ["STAT_NAMES", "Detections", "NMSSettings", "coco_detections", "evaluate_coco", "postprocess"]
