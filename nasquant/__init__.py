@@ -1,0 +1,19 @@
+"""nasquant: selective INT8 quantization, export and validation for YOLO-NAS detectors."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("nasquant")
+except PackageNotFoundError:  # running from a source tree that was not installed
+    __version__ = "0.0.0+unknown"
+
+__all__ = ["NAS", "__version__"]
+
+
+def __getattr__(name: str):
+    # Lazy, so `nasquant --help` and `import nasquant.errors` don't pay for torch, cv2 and pycocotools.
+    if name == "NAS":
+        from nasquant.api import NAS
+
+        return NAS
+    raise AttributeError(f"module 'nasquant' has no attribute {name!r}")

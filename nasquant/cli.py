@@ -1,0 +1,183 @@
+"""``nasquant`` command line: ``info``, ``val``, ``predict``.
+
+Bad input exits with code 2 and one line on stderr; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from collections.abc import Sequence
+
+from nasquant import __version__
+from nasquant.errors import NasquantError
+from nasquant.io import write_json
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="checkpoint (.pt/.pth/.safetensors), folder, URL or alias yolo_nas_s|m|l",
+    )
+    parser.add_argument("--variant", help="expected variant (yolo_nas_s|m|l); checked against the weights")
+    parser.add_argument("--sha256", help="expected sha256 of the checkpoint file (downloads are verified)")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when present)")
+
+
+def _add_preprocess_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--imgsz", type=int, default=None, help="square input size (default: the model's own, else 640)"
+    )
+    parser.add_argument(
+        "--protocol",
+        choices=["sg", "letterbox"],
+        default="sg",
+        help="preprocessing: sg = Deci's COCO protocol (default), letterbox = Ultralytics-style",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nasquant", description="YOLO-NAS validation, prediction and INT8 deployment."
+    )
+    parser.add_argument("--version", action="version", version=f"nasquant {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    info = commands.add_parser("info", help="describe a checkpoint: variant, classes, params, GFLOPs, layers")
+    _add_model_arguments(info)
+    info.add_argument("--imgsz", type=int, default=640, help="input size for the GFLOPs count (default 640)")
+    info.add_argument("--json", metavar="PATH", help="also write the description as JSON")
+
+    val = commands.add_parser("val", help="COCO mAP of a checkpoint on a dataset (pycocotools)")
+    _add_model_arguments(val)
+    val.add_argument("--data", required=True, help="COCO json / COCO folder / Ultralytics data yaml")
+    _add_preprocess_arguments(val)
+    val.add_argument("--batch", type=int, default=8, help="batch size (default 8)")
+    val.add_argument("--conf", type=float, default=0.01, help="score threshold (default 0.01, Deci's)")
+    val.add_argument("--iou", type=float, default=0.7, help="NMS IoU threshold (default 0.7)")
+    val.add_argument("--top-k", type=int, default=1000, help="candidates kept before NMS (default 1000)")
+    val.add_argument("--max-det", type=int, default=300, help="detections kept per image (default 300)")
+    val.add_argument("--json", metavar="PATH", help="write the metrics dict as JSON")
+
+    predict = commands.add_parser("predict", help="detect objects; writes annotated images and a JSON")
+    _add_model_arguments(predict)
+    predict.add_argument("--source", required=True, help="image file, folder or glob pattern")
+    predict.add_argument("--out", default="runs/predict", help="output folder (default runs/predict)")
+    _add_preprocess_arguments(predict)
+    predict.add_argument("--conf", type=float, default=0.25, help="score threshold (default 0.25)")
+    predict.add_argument("--iou", type=float, default=0.7, help="NMS IoU threshold (default 0.7)")
+    predict.add_argument("--max-det", type=int, default=300, help="detections kept per image (default 300)")
+    return parser
+
+
+def _load(args: argparse.Namespace, *, fuse: bool = True):
+    # Imported here so `nasquant --help` answers without loading torch.
+    from nasquant.api import NAS
+
+    nas = NAS(args.model, variant=args.variant, sha256=args.sha256, device=args.device)
+    # val/predict run the deployment form: re-parameterized, as it will be exported and quantized.
+    return nas.fuse() if fuse else nas
+
+
+def _cmd_info(args: argparse.Namespace) -> None:
+    info = _load(args, fuse=False).info(imgsz=args.imgsz)
+    names = info["names"]
+    shown = ", ".join(names[:10]) + (f", … ({len(names)} total)" if len(names) > 10 else "")
+    rows = [
+        ("source", info["source"]),
+        ("sha256", info["sha256"]),
+        ("variant", info["variant"]),
+        ("classes", f"{info['num_classes']}: {shown}"),
+        ("parameters", f"{info['parameters']:,} (fused: {info['parameters_fused']:,})"),
+        (f"GFLOPs @{info['gflops_imgsz']}", f"{info['gflops']:.2f} (fused; 2 FLOPs per multiply-add)"),
+        ("conv layers", f"{info['conv_layers']} (fused)"),
+        ("input size", str(info["input_size"])),
+        ("preprocessing", str(info["preprocessing"] or "not recorded (Deci COCO default)")),
+    ]
+    width = max(len(key) for key, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    if args.json:
+        write_json(args.json, info)
+
+
+def _cmd_val(args: argparse.Namespace) -> None:
+    nas = _load(args)
+    metrics = nas.val(
+        args.data,
+        imgsz=args.imgsz,
+        protocol=args.protocol,
+        batch=args.batch,
+        conf=args.conf,
+        iou=args.iou,
+        top_k=args.top_k,
+        max_det=args.max_det,
+        device=args.device,
+    )
+    print(
+        f"{nas.variant} on {metrics['dataset']} ({metrics['num_images']} images, imgsz {metrics['imgsz']}, "
+        f"protocol {metrics['protocol']}, {metrics['backend']} {metrics['precision']} {metrics['device']})"
+    )
+    summary = ["map50_95", "map50", "map75", "map_small", "map_medium", "map_large"]
+    # pycocotools has no value for an area range without ground truth: shown as "n/a".
+    print(
+        "  ".join(f"{key}=" + ("n/a" if metrics[key] is None else f"{metrics[key]:.4f}") for key in summary)
+    )
+    per_class = {name: ap for name, ap in metrics["per_class"].items() if ap is not None}
+    if per_class:
+        width = max(len(name) for name in per_class)
+        for name, ap in per_class.items():
+            print(f"  {name:<{width}}  AP50-95 {ap:.4f}")
+    if args.json:
+        print(f"metrics written to {write_json(args.json, metrics)}")
+
+
+def _cmd_predict(args: argparse.Namespace) -> None:
+    nas = _load(args)
+    predictions = nas.predict(
+        args.source,
+        conf=args.conf,
+        iou=args.iou,
+        imgsz=args.imgsz,
+        protocol=args.protocol,
+        max_det=args.max_det,
+        save_dir=args.out,
+        progress=True,
+    )
+    for prediction in predictions:
+        counts: dict[str, int] = {}
+        for cls in prediction.class_ids:
+            counts[prediction.names[int(cls)]] = counts.get(prediction.names[int(cls)], 0) + 1
+        found = ", ".join(f"{n} {name}" for name, n in counts.items()) or "nothing"
+        print(f"{prediction.source}: {found}")
+    print(f"annotated images and predictions.json written to {args.out}")
+
+
+COMMANDS = {"info": _cmd_info, "val": _cmd_val, "predict": _cmd_predict}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except NasquantError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"nasquant: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("nasquant: interrupted", file=sys.stderr)
+        return 130
+    except OSError as exc:  # disk full, permission denied, ...: the environment, not our bug
+        if args.debug:
+            traceback.print_exc()
+        print(f"nasquant: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

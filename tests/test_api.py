@@ -1,0 +1,54 @@
+"""The NAS facade: the public contract other tools rely on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from nasquant import NAS
+from nasquant.data.preprocess import read_image
+from nasquant.errors import NasquantError
+from tests.shared import shared_path
+
+
+@pytest.fixture(scope="module")
+def nas() -> NAS:
+    return NAS(shared_path("fixtures", "yolo_nas_s_shapes.pt"))
+
+
+def test_facade_exposes_module_names_and_input_size(nas: NAS) -> None:
+    assert isinstance(nas.model, torch.nn.Module) and not nas.model.training
+    assert nas.names == ["circle", "square", "triangle", "star", "cross", "ring"]
+    assert nas.variant == "yolo_nas_s" and nas.imgsz == 320
+
+
+def test_call_path_and_array_give_the_same_detections(nas: NAS) -> None:
+    image_path = sorted(shared_path("data", "shapes", "val", "images").glob("*.jpg"))[3]
+    (from_path,) = nas(image_path)
+    (from_array,) = nas.predict(read_image(image_path))
+    assert len(from_path) > 0
+    np.testing.assert_array_equal(from_path.boxes, from_array.boxes)
+    np.testing.assert_array_equal(from_path.class_ids, from_array.class_ids)
+    assert from_path.scores.min() >= 0.25  # interactive default confidence
+    assert from_path.boxes[:, 2].max() <= from_path.width and from_path.boxes[:, 3].max() <= from_path.height
+
+
+def test_predict_on_a_folder_returns_one_result_per_image(nas: NAS, tmp_path: Path) -> None:
+    images = sorted(shared_path("data", "shapes", "val", "images").glob("*.jpg"))[:3]
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for image in images:
+        (folder / image.name).write_bytes(image.read_bytes())
+    results = nas.predict(folder, conf=0.5, save_dir=tmp_path / "out")
+    assert [Path(r.source).name for r in results] == [i.name for i in images]
+    assert all(r.scores.min(initial=1.0) >= 0.5 for r in results)
+    assert len(list((tmp_path / "out").glob("*.jpg"))) == 3
+
+
+def test_val_on_a_dataset_with_other_classes_is_a_clear_error(nas: NAS) -> None:
+    coco = shared_path("data", "coco-mini", "annotations", "instances_val2017.json")
+    with pytest.raises(NasquantError, match="predicts 6 classes but .* has 80"):
+        nas.val(data=coco, progress=False)

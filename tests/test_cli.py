@@ -1,0 +1,112 @@
+"""The command line end to end on the shared fixture and data (acceptance checks of the foundation)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nasquant.cli import main
+from tests.shared import shared_path
+
+
+def _recorded_fp32_map() -> float:
+    """The fixture README's FP32 mAP@[.5:.95] (centre padding), from its machine-readable twin."""
+    return json.loads(shared_path("fixtures", "measured.json").read_text())["center_pad_320"][0]
+
+
+@pytest.mark.parametrize(
+    ("checkpoint", "data"),
+    [
+        ("yolo_nas_s_shapes.pt", ("data", "shapes", "val_yolo", "shapes_val.yaml")),
+        ("yolo_nas_s_shapes.safetensors", ("data", "shapes", "val", "annotations.json")),
+    ],
+    ids=["pt-yolo-yaml", "safetensors-coco-json"],
+)
+def test_val_reproduces_the_fixture_readme_map(
+    checkpoint: str, data: tuple[str, ...], tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "metrics.json"
+    model = shared_path("fixtures", checkpoint)
+    code = main(["val", "--model", str(model), "--data", str(shared_path(*data)), "--json", str(out)])
+    assert code == 0
+    metrics = json.loads(out.read_text())
+    assert metrics["num_images"] == 300
+    assert metrics["imgsz"] == 320  # taken from the checkpoint, not the 640 default
+    assert abs(metrics["map50_95"] - _recorded_fp32_map()) <= 0.005, metrics["map50_95"]
+    assert 0.0 <= metrics["map50_95"] <= metrics["map50"] <= 1.0
+    assert set(metrics["per_class"]) == {"circle", "square", "triangle", "star", "cross", "ring"}
+    assert f"map50_95={metrics['map50_95']:.4f}" in capsys.readouterr().out
+
+
+def test_predict_writes_an_annotated_image_and_json(shapes_pt: Path, tmp_path: Path) -> None:
+    coco_image = sorted(shared_path("data", "coco-mini", "val2017").glob("*.jpg"))[0]
+    shapes_image = sorted(shared_path("data", "shapes", "val", "images").glob("*.jpg"))[0]
+    out = tmp_path / "pred"
+    for image in (coco_image, shapes_image):
+        assert main(["predict", "--model", str(shapes_pt), "--source", str(image), "--out", str(out)]) == 0
+        assert (out / f"{image.stem}.jpg").stat().st_size > 1000
+    records = json.loads((out / "predictions.json").read_text())
+    assert records[0]["source"] == str(shapes_image)
+    assert records[0]["detections"], "the trained fixture finds shapes in a shapes image"
+    detection = records[0]["detections"][0]
+    assert detection["class_name"] in {"circle", "square", "triangle", "star", "cross", "ring"}
+    x1, y1, x2, y2 = detection["box"]
+    assert 0 <= x1 < x2 <= records[0]["width"] and 0 <= y1 < y2 <= records[0]["height"]
+
+
+def test_info_describes_the_checkpoint(shapes_safetensors: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "info.json"
+    assert main(["info", "--model", str(shapes_safetensors), "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    info = json.loads(out.read_text())
+    assert info["variant"] == "yolo_nas_s" and info["num_classes"] == 6
+    assert info["parameters"] > info["parameters_fused"] > 1e7
+    assert info["conv_layers"] > 50 and info["gflops"] > 1
+    assert "yolo_nas_s" in text and "circle" in text
+
+
+def _assert_one_line_error(code: int, stderr: str, *fragments: str) -> None:
+    assert code == 2
+    assert "Traceback" not in stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("nasquant: error:"), stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_bad_inputs_give_one_line_and_exit_code_2(
+    tmp_path: Path, shapes_safetensors: Path, malicious_checkpoint: tuple[Path, Path], capsys
+) -> None:
+    shapes_val = str(shared_path("data", "shapes", "val_yolo", "shapes_val.yaml"))
+    missing = tmp_path / "nope.pt"
+    _assert_one_line_error(main(["info", "--model", str(missing)]), capsys.readouterr().err, "nope.pt")
+
+    not_a_checkpoint = tmp_path / "notes.pth"
+    not_a_checkpoint.write_text("these are not weights\n")
+    code = main(["val", "--model", str(not_a_checkpoint), "--data", shapes_val])
+    _assert_one_line_error(code, capsys.readouterr().err, "notes.pth")
+
+    evil, marker = malicious_checkpoint
+    _assert_one_line_error(main(["info", "--model", str(evil)]), capsys.readouterr().err, "yolo_nas_s.pt")
+    assert not marker.exists(), "the malicious pickle's payload ran"
+
+    code = main(["info", "--model", str(shapes_safetensors), "--variant", "yolo_nas_m"])
+    _assert_one_line_error(code, capsys.readouterr().err, "yolo_nas_s", "yolo_nas_m")
+
+    code = main(["val", "--model", str(shapes_safetensors), "--data", str(tmp_path / "missing.yaml")])
+    _assert_one_line_error(code, capsys.readouterr().err, "missing.yaml")
+
+
+def test_console_entry_point_exit_code_in_a_real_process(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "nasquant.cli", "info", "--model", str(tmp_path / "absent.safetensors")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("nasquant: error:") and "Traceback" not in result.stderr
