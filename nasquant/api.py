@@ -24,6 +24,7 @@ from nasquant.runtime.torch_backend import TorchBackend
 from nasquant.weights import Checkpoint, load_checkpoint
 
 DEFAULT_IMGSZ = 640
+MAX_STRIDE = 32
 
 
 def load_model(checkpoint: Checkpoint) -> YoloNAS:
@@ -74,9 +75,11 @@ class NAS:
         return int(processing.get("imgsz", DEFAULT_IMGSZ))
 
     def preprocessing(self, protocol: str = "sg", imgsz: int | None = None) -> Preprocess:
-        return Preprocess.from_protocol(
-            protocol, imgsz or self.imgsz, model_processing=self.checkpoint.processing
-        )
+        size = imgsz or self.imgsz
+        # The neck joins stride-8/16/32 maps by 2x up/down-sampling: sides must divide by 32.
+        if size % MAX_STRIDE:
+            raise NasquantError(f"input size must be a multiple of {MAX_STRIDE}, got {size}")
+        return Preprocess.from_protocol(protocol, size, model_processing=self.checkpoint.processing)
 
     def fuse(self) -> NAS:
         """Re-parameterize the network in place for faster inference (same outputs to float rounding)."""

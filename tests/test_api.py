@@ -52,3 +52,9 @@ def test_val_on_a_dataset_with_other_classes_is_a_clear_error(nas: NAS) -> None:
     coco = shared_path("data", "coco-mini", "annotations", "instances_val2017.json")
     with pytest.raises(NasquantError, match="predicts 6 classes but .* has 80"):
         nas.val(data=coco, progress=False)
+
+
+def test_input_size_must_be_a_multiple_of_the_largest_stride(nas: NAS) -> None:
+    with pytest.raises(NasquantError, match="multiple of 32, got 330"):
+        nas.preprocessing("sg", 330)
+    assert nas.preprocessing("letterbox", 640).resize == 640
