@@ -1,0 +1,157 @@
+"""INT8 post-training quantization of a fused YOLO-NAS with NVIDIA ModelOpt.
+
+ModelOpt inserts a fake-quant ``TensorQuantizer`` on the input and the weight of every conv; we
+collect statistics on real calibration batches and turn them into ``amax`` ranges. Weights are
+per-output-channel max (what TensorRT's explicit quantization wants), activations per-tensor with
+the recipe's calibrator: ``max``, or a histogram reduced by ``percentile`` / ``entropy`` / ``mse``.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from nasquant.errors import NasquantError
+
+CALIBRATION_METHODS = ("max", "percentile", "entropy", "mse")
+
+
+@contextmanager
+def _quiet_modelopt() -> Iterator[None]:
+    # ModelOpt warns about optional integrations (transformers, megatron...) that YOLO-NAS never uses.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module=r"modelopt\..*")
+        warnings.filterwarnings("ignore", message=r".*transformers.*")
+        yield
+
+
+def _mtq():
+    with _quiet_modelopt():
+        import modelopt.torch.quantization as mtq
+    return mtq
+
+
+def quantization_config(method: str, *, per_channel_weights: bool = True) -> dict:
+    """ModelOpt config: INT8 weights (per output channel) and INT8 per-tensor conv inputs.
+
+    ``algorithm`` is ``None``: ModelOpt only inserts the quantizers, and :func:`calibrate` drives the
+    statistics itself, because ModelOpt's ``max`` algorithm cannot finish histogram calibrators.
+    """
+    if method not in CALIBRATION_METHODS:
+        raise NasquantError(
+            f"unknown calibration method {method!r}; expected one of {', '.join(CALIBRATION_METHODS)}"
+        )
+    activations: dict = {"num_bits": 8, "axis": None}
+    if method != "max":
+        activations["calibrator"] = "histogram"
+    return {
+        "quant_cfg": [
+            {"quantizer_name": "*", "enable": False},
+            {
+                "quantizer_name": "*weight_quantizer",
+                "cfg": {"num_bits": 8, "axis": 0 if per_channel_weights else None},
+            },
+            # A transposed conv stores weights as (in, out, kH, kW): its output channels are axis 1.
+            {
+                "quantizer_name": "*weight_quantizer",
+                "parent_class": "nn.ConvTranspose2d",
+                "cfg": {"num_bits": 8, "axis": 1 if per_channel_weights else None},
+            },
+            {"quantizer_name": "*input_quantizer", "cfg": activations},
+        ],
+        "algorithm": None,
+    }
+
+
+def insert_quantizers(model: nn.Module, method: str, *, per_channel_weights: bool = True) -> nn.Module:
+    """A deep copy of ``model`` with (uncalibrated) INT8 quantizers on every conv's input and weight."""
+    quantized = copy.deepcopy(model).eval()
+    with _quiet_modelopt():
+        _mtq().quantize(quantized, quantization_config(method, per_channel_weights=per_channel_weights))
+    return quantized
+
+
+def tensor_quantizers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``(name, quantizer)`` for every enabled ModelOpt ``TensorQuantizer`` in the model."""
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    for name, module in model.named_modules():
+        if isinstance(module, TensorQuantizer) and module.is_enabled:
+            yield name, module
+
+
+def quantized_layers(model: nn.Module) -> list[str]:
+    """Names of the modules that carry quantizers (every conv, and the SPP max-pools), in model order."""
+    return [name for name, module in model.named_modules() if hasattr(module, "input_quantizer")]
+
+
+@torch.no_grad()
+def calibrate(
+    model: nn.Module,
+    batches: Iterable[np.ndarray],
+    *,
+    method: str = "max",
+    percentile: float = 99.99,
+    per_channel_weights: bool = True,
+    progress: bool = True,
+    total: int | None = None,
+) -> nn.Module:
+    """Return a calibrated INT8 copy of the fused ``model`` (the original is left untouched)."""
+    from modelopt.torch.quantization.model_calib import enable_stats_collection
+
+    if not 0 < percentile <= 100:
+        raise NasquantError(f"calibration percentile must be in (0, 100], got {percentile}")
+    quantized = insert_quantizers(model, method, per_channel_weights=per_channel_weights)
+    enable_stats_collection(quantized)
+    seen = 0
+    for batch in tqdm(batches, total=total, desc=f"calibrate ({method})", unit="batch", disable=not progress):
+        quantized(torch.from_numpy(np.ascontiguousarray(batch)))
+        seen += len(batch)
+    if seen == 0:
+        raise NasquantError("calibration received no images")
+    for name, quantizer in tensor_quantizers(quantized):
+        if method != "max" and name.endswith("input_quantizer"):  # histogram-calibrated activations
+            quantizer.load_calib_amax(
+                method, **({"percentile": percentile} if method == "percentile" else {})
+            )
+        else:
+            quantizer.load_calib_amax()
+        if quantizer.amax is None or not torch.isfinite(quantizer.amax).all():
+            raise NasquantError(f"calibration produced no valid range for {name}")
+        quantizer.enable_quant()
+        quantizer.disable_calib()
+    return quantized
+
+
+def match_layers(model: nn.Module, patterns: Sequence[str]) -> list[str]:
+    """The quantized layers matched by any glob pattern; a pattern that matches nothing is an error."""
+    layers = quantized_layers(model)
+    matched: set[str] = set()
+    for pattern in patterns:
+        hits = fnmatch.filter(layers, pattern)
+        if not hits:
+            raise NasquantError(
+                f"quantization.skip pattern {pattern!r} matches no quantizable layer "
+                f"(layer names look like {layers[0]!r} or {layers[-1]!r})"
+            )
+        matched.update(hits)
+    return [name for name in layers if name in matched]
+
+
+def keep_in_float(model: nn.Module, patterns: Sequence[str]) -> tuple[nn.Module, list[str]]:
+    """Copy of a calibrated model with every quantizer of the matched layers disabled (weights and inputs)."""
+    selective = copy.deepcopy(model)
+    skipped = match_layers(selective, patterns)
+    modules = dict(selective.named_modules())
+    for name in skipped:
+        for _, quantizer in tensor_quantizers(modules[name]):
+            quantizer.disable()
+    return selective, skipped
