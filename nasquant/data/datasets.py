@@ -57,43 +57,64 @@ class Batch:
     paths: list[Path]
 
 
-def load_dataset(
-    path: str | os.PathLike, *, split: str = "val", images: str | os.PathLike | None = None
-) -> DetectionDataset:
-    """Load a dataset, detecting its kind from ``path``.
+DATASET_KINDS = ("auto", "coco", "yolo", "images")
 
-    - a COCO json (``instances_val2017.json``, ``annotations.json``), its images found in ``images``
-      when given, else a sibling ``images/`` folder, else the COCO layout ``<root>/annotations/
-      instances_<split>.json`` with ``<root>/<split>/`` or ``<root>/images/<split>/``;
-    - a dataset folder holding ``annotations/instances_<split>*.json`` or ``annotations.json``;
-    - an Ultralytics data YAML, read at ``split``;
-    - a folder of images (or one with an ``images/`` subfolder): unlabeled, for calibration.
+
+def load_dataset(
+    path: str | os.PathLike,
+    *,
+    split: str = "val",
+    images: str | os.PathLike | None = None,
+    kind: str = "auto",
+) -> DetectionDataset:
+    """Load a dataset, detecting its kind from ``path`` (or checking it is ``kind``).
+
+    - ``coco``: a COCO json (``instances_val2017.json``, ``annotations.json``), its images found in
+      ``images`` when given, else a sibling ``images/`` folder, else the COCO layout ``<root>/annotations/
+      instances_<split>.json`` with ``<root>/<split>/`` or ``<root>/images/<split>/``; or a dataset
+      folder holding ``annotations/instances_<split>*.json`` or ``annotations.json``;
+    - ``yolo``: an Ultralytics data YAML, read at ``split``;
+    - ``images``: a folder of images (or one with an ``images/`` subfolder): unlabeled, for calibration.
 
     Every image a COCO json lists is evaluated, including those without annotations, as pycocotools
     does (super-gradients' COCO dataset skips them: 4952 of COCO's 5000 val images remain there).
     """
+    if kind not in DATASET_KINDS:
+        raise NasquantError(f"unknown dataset format {kind!r}; expected one of {', '.join(DATASET_KINDS)}")
     source = Path(path)
     if not source.exists():
         raise NasquantError(f"dataset not found: {source}")
     if images is not None and not (source.suffix.lower() == ".json" or source.is_dir()):
         raise NasquantError(f"an images folder can only accompany a COCO json, not {source}")
+    detected, target = _detect(source, split, images)
+    if kind not in ("auto", detected) and not (kind == "images" and source.is_dir()):
+        raise NasquantError(f"{source} looks like a {detected} dataset, not {kind}")
+    if kind == "images" or detected == "images":
+        return _from_folder(source)
+    if detected == "yolo":
+        return _from_yolo_yaml(target, split)
+    return _from_coco_json(target, images, split)
+
+
+def _detect(source: Path, split: str, images: str | os.PathLike | None) -> tuple[str, Path]:
+    """The kind of dataset at ``source`` and the file (or folder) to read it from."""
     if source.is_file():
         suffix = source.suffix.lower()
         if suffix == ".json":
-            return _from_coco_json(source, images, split)
+            return "coco", source
         if suffix in (".yaml", ".yml"):
-            return _from_yolo_yaml(source, split)
+            return "yolo", source
         raise NasquantError(
             f"unsupported dataset file {source}: expected a COCO .json, an Ultralytics .yaml or an image folder"
         )
     annotations = _find_coco_json(source, split)
     if annotations is not None:
-        return _from_coco_json(annotations, images, split)
+        return "coco", annotations
     if images is not None:
         raise NasquantError(
             f"no COCO json (annotations/instances_{split}*.json or annotations.json) in {source}"
         )
-    return _from_folder(source)
+    return "images", source
 
 
 # --------------------------------------------------------------------------------------------------

@@ -296,3 +296,15 @@ def test_iter_batches_errors(tmp_path):
         next(iter_batches(dataset, Preprocess(64, 64), 0))
     with pytest.raises(NasquantError, match="b.jpg"):
         list(iter_batches(dataset, Preprocess(64, 64), 2))
+
+
+def test_an_explicit_format_is_checked_against_what_is_on_disk():
+    coco_json = shared_path("data", "shapes", "val", "annotations.json")
+    assert load_dataset(coco_json, kind="coco").coco is not None
+    with pytest.raises(NasquantError, match="looks like a coco dataset, not yolo"):
+        load_dataset(coco_json, kind="yolo")
+    with pytest.raises(NasquantError, match="unknown dataset format 'voc'"):
+        load_dataset(coco_json, kind="voc")
+    # Any folder of images can calibrate, annotated or not.
+    unlabeled = load_dataset(shared_path("data", "shapes", "val"), kind="images")
+    assert unlabeled.coco is None and len(unlabeled) == 300

@@ -1,0 +1,647 @@
+"""Quantization recipes: typed dataclasses loaded from YAML and validated strictly.
+
+A recipe is everything ``nasquant quantize RECIPE`` needs: which weights, which calibration and
+validation data, how to quantize, export, build engines and benchmark, and where results go. It is
+read once, validated once, and from then on is plain attributes, so a typo fails at load time with
+the file and the dotted key instead of deep inside a stage.
+
+Rules that apply to every field (enforced by one generic walker over the dataclass type hints, not
+per field):
+
+* Types are exact: booleans are YAML ``true``/``false`` (not ``"yes"``), integers are not floats,
+  a list where a scalar is expected (or the reverse) is an error, enumerations list their values.
+* ``${VAR}`` and ``${VAR:-default}`` in string values expand from the environment (``:-`` also
+  covers a variable that is set but empty, as in the shell); an unset ``${VAR}`` is an error.
+* Relative paths the recipe reads (checkpoint, data, image list, timing cache) resolve against the
+  recipe file's folder, so a recipe works from any current directory; URLs and the aliases
+  ``yolo_nas_s|m|l`` stay as written. Values given with ``--set`` are typed on a command line, so
+  their relative paths mean the current directory. ``output.dir`` is the exception: results go
+  where the user works, so it is relative to the current directory (default ``runs/<name>``).
+* ``--set key=value`` values are parsed with ``yaml.safe_load`` (``=128`` is an int, ``=[a, b]`` a
+  list, ``=null`` None) and then validated exactly like file values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import hashlib
+import json
+import math
+import os
+import re
+from collections.abc import Hashable, Sequence
+from dataclasses import MISSING, dataclass, field
+from pathlib import Path
+from types import NoneType, UnionType
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from nasquant.errors import NasquantError
+from nasquant.io import atomic_path
+
+# The same three names as nasquant.models.VARIANTS, repeated here so that reading a recipe does not
+# import torch (tests check that the two agree).
+Variant = Literal["yolo_nas_s", "yolo_nas_m", "yolo_nas_l"]
+CalibrationMethod = Literal["max", "percentile", "entropy", "mse"]
+Precision = Literal["fp32", "fp16", "int8"]
+
+RESOLVED_NAME = "recipe.resolved.yaml"
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_ENV_REFERENCE = re.compile(r"\$\{([^}]*)\}")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _constrained(
+    default: Any = MISSING,
+    *,
+    factory: Any = MISSING,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    multiple_of: int | None = None,
+    nonempty: bool = False,
+    unique: bool = False,
+    pattern: tuple[str, str] | None = None,
+    path: bool = False,
+) -> Any:
+    """A dataclass field plus the checks the generic validator runs on its value.
+
+    Bounds apply to a number or to every number of a list; ``nonempty`` to strings and lists;
+    ``pattern`` is (regex, what it means in words); ``path`` marks a value resolved against the recipe
+    folder (and implies ``nonempty``: an empty path would silently mean the folder itself).
+    """
+    metadata = {
+        "ge": ge,
+        "gt": gt,
+        "le": le,
+        "multiple_of": multiple_of,
+        "nonempty": nonempty or path,
+        "unique": unique,
+        "pattern": pattern,
+        "path": path,
+    }
+    return field(default=default, default_factory=factory, metadata=metadata)
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    """The FP32 network to quantize."""
+
+    checkpoint: str = _constrained(path=True)
+    """Required. A .pt/.pth/.safetensors file, a folder holding one, a URL, or ``yolo_nas_s|m|l``."""
+    variant: Variant | None = None
+    """Expected architecture; checked against the weights when they load (None = whatever they are)."""
+    sha256: str | None = _constrained(None, pattern=(r"[0-9a-fA-F]{64}", "64 hexadecimal characters"))
+    """Pinned hash of the checkpoint file; downloads and local files must match it."""
+    class_names: list[str] | None = _constrained(None, nonempty=True, unique=True)
+    """Overrides the names stored in the checkpoint (None = the checkpoint's, else COCO's 80)."""
+
+
+@dataclass(frozen=True)
+class InputSection:
+    """The network input every artifact is built for."""
+
+    size: int | None = _constrained(None, ge=32, multiple_of=32)
+    """Square input side in pixels (None = the checkpoint's own, else 640); YOLO-NAS strides need /32."""
+    batch: int = _constrained(1, ge=1)
+    """Batch dimension baked into the exported graph when ``export.dynamic_batch`` is false."""
+
+
+@dataclass(frozen=True)
+class CalibrationSection:
+    """Images that set the activation ranges, and how the ranges are computed from them."""
+
+    data: str | None = _constrained(None, path=True)
+    """COCO json, YOLO data yaml or image folder; required to quantize. Never the validation images."""
+    format: Literal["auto", "coco", "yolo", "images"] = "auto"
+    """How to read ``data`` (auto = decide from what it is)."""
+    image_list: str | None = _constrained(None, path=True)
+    """Text file with one image file name per line: exactly these images, in this order."""
+    num_images: int = _constrained(512, ge=1)
+    """How many images calibrate (the first N of ``image_list``, else a seeded draw)."""
+    batch_size: int = _constrained(8, ge=1)
+    """Images per calibration forward pass (memory only; the ranges do not depend on it)."""
+    seed: int = 0
+    """Seed of the draw when there is no ``image_list``, so the same folder gives the same images."""
+    method: CalibrationMethod = "max"
+    """Activation range: max, or a histogram reduced by percentile / entropy / mse."""
+    percentile: float = _constrained(99.99, gt=0, le=100)
+    """Percentile of the histogram kept when ``method`` is percentile (0 < p <= 100)."""
+    allow_overlap: bool = False
+    """Calibrating on validation images inflates the INT8 mAP, so an overlap is refused unless true."""
+
+
+@dataclass(frozen=True)
+class QuantizationSection:
+    """Which layers become INT8."""
+
+    per_channel_weights: bool = True
+    """Per-output-channel weight scales (what TensorRT's explicit quantization expects)."""
+    skip: list[str] = _constrained(factory=list, unique=True)
+    """Module-name glob patterns kept in floating point, e.g. ``heads.*.cls_pred``."""
+    quantize_all_baseline: bool = True
+    """Also build the "quantize everything" model, as a report row that shows what ``skip`` buys."""
+
+
+@dataclass(frozen=True)
+class ExportSection:
+    """ONNX export."""
+
+    opset: int = _constrained(17, ge=13)
+    """ONNX opset; 13 is the first with per-channel QuantizeLinear/DequantizeLinear."""
+    dynamic_batch: bool = False
+    """Export the batch dimension as dynamic instead of ``input.batch``."""
+    simplify: bool = True
+    """Constant-fold and simplify the exported graph."""
+
+
+@dataclass(frozen=True)
+class EnginesSection:
+    """TensorRT engines built from the ONNX files (a later milestone reads these)."""
+
+    enabled: bool = True
+    """Build engines at all (false on machines without TensorRT)."""
+    precisions: list[Precision] = _constrained(factory=lambda: ["fp16", "int8"], nonempty=True, unique=True)
+    """One engine per precision."""
+    workspace_mb: int = _constrained(4096, ge=1)
+    """Builder workspace memory limit, MiB."""
+    optimization_level: int = _constrained(3, ge=0, le=5)
+    """TensorRT builder optimization level (higher builds slower, may run faster)."""
+    timing_cache: str | None = _constrained(None, path=True)
+    """Timing cache file read and updated by builds (None = no shared cache)."""
+    min_batch: int | None = _constrained(None, ge=1)
+    """Optimization profile minimum batch for a dynamic-batch export (None = ``input.batch``)."""
+    opt_batch: int | None = _constrained(None, ge=1)
+    """Optimization profile batch the kernels are tuned for (None = ``input.batch``)."""
+    max_batch: int | None = _constrained(None, ge=1)
+    """Optimization profile maximum batch (None = ``input.batch``)."""
+    dla_core: int | None = _constrained(None, ge=0)
+    """Jetson DLA core to build for (None = GPU)."""
+    hardware_compatibility: Literal["none", "ampere_plus", "same_compute_capability"] = "none"
+    """Let an engine run on GPUs other than the one that built it, at some speed cost."""
+    strongly_typed: bool = False
+    """Build a strongly typed network: precisions come from the graph, not from builder flags."""
+
+    def _cross_checks(self) -> list[tuple[str, str]]:
+        given = [(name, getattr(self, name)) for name in ("min_batch", "opt_batch", "max_batch")]
+        given = [(name, value) for name, value in given if value is not None]
+        return [
+            (high, f"{value_high} is below {low} {value_low}")
+            for (low, value_low), (high, value_high) in zip(given, given[1:], strict=False)
+            if value_high < value_low
+        ]
+
+
+@dataclass(frozen=True)
+class ValidationSection:
+    """The labelled set every artifact's mAP is measured on."""
+
+    data: str | None = _constrained(None, path=True)
+    """COCO json or YOLO data yaml; required to quantize."""
+    format: Literal["auto", "coco", "yolo"] = "auto"
+    """How to read ``data`` (auto = decide from what it is)."""
+    protocol: Literal["sg", "letterbox"] = "sg"
+    """Preprocessing: sg = Deci's COCO protocol (the published numbers), letterbox = Ultralytics-style."""
+    conf: float = _constrained(0.01, ge=0, le=1)
+    """Score threshold per (anchor, class) before NMS; Deci's mAP setting."""
+    iou: float = _constrained(0.7, gt=0, le=1)
+    """Class-aware NMS IoU threshold."""
+    top_k: int = _constrained(1000, ge=1)
+    """Candidates kept before NMS."""
+    max_det: int = _constrained(300, ge=1)
+    """Detections kept per image after NMS."""
+    batch_size: int = _constrained(8, ge=1)
+    """Images per validation forward pass."""
+    max_images: int | None = _constrained(None, ge=1)
+    """Quick check on the first N images in dataset order (None = all); not comparable to full-set mAP."""
+
+
+@dataclass(frozen=True)
+class BenchmarkSection:
+    """Latency measurement of every artifact."""
+
+    warmup: int = _constrained(10, ge=0)
+    """Untimed runs before timing (allocations, autotuning, caches)."""
+    iterations: int = _constrained(50, ge=1)
+    """Timed runs per (artifact, batch size)."""
+    batch_sizes: list[int] = _constrained(factory=lambda: [1], ge=1, nonempty=True, unique=True)
+    """Batch sizes to time."""
+    threads: int | None = _constrained(None, ge=1)
+    """CPU threads for CPU backends (None = all cores)."""
+    size: int | None = _constrained(None, ge=32, multiple_of=32)
+    """Input side to time at (None = ``input.size``), so a 320-px model can be timed at 640 too."""
+    end_to_end: bool = True
+    """Time preprocessing and post-processing as well as the network."""
+
+
+@dataclass(frozen=True)
+class OutputSection:
+    """Where results go and when the run fails."""
+
+    dir: str | None = _constrained(None, nonempty=True)
+    """Run folder, relative to the current directory (None = ``runs/<name>``)."""
+    fail_on_drop: float | None = _constrained(None, ge=0)
+    """Fail when INT8 mAP@[.5:.95] is this many mAP POINTS below FP32: 0.5 means 47.5 -> 47.0, i.e.
+    0.005 in the fractions the metrics use (None = never fail, only report)."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A validated recipe. Paths are already resolved; ``source`` is the file it came from."""
+
+    name: str = _constrained(pattern=(r"[A-Za-z0-9][A-Za-z0-9._-]*", "letters, digits, '.', '_' and '-'"))
+    """Names the run folder and the report rows (default: the recipe file's stem)."""
+    model: ModelSection
+    input: InputSection = field(default_factory=InputSection)
+    calibration: CalibrationSection = field(default_factory=CalibrationSection)
+    quantization: QuantizationSection = field(default_factory=QuantizationSection)
+    export: ExportSection = field(default_factory=ExportSection)
+    engines: EnginesSection = field(default_factory=EnginesSection)
+    validation: ValidationSection = field(default_factory=ValidationSection)
+    benchmark: BenchmarkSection = field(default_factory=BenchmarkSection)
+    output: OutputSection = field(default_factory=OutputSection)
+    # Where the recipe came from is provenance, not content: two recipes that say the same thing are
+    # equal wherever they were read from, and it is no YAML key.
+    source: Path | None = field(default=None, compare=False, metadata={"yaml": False})
+
+    @property
+    def output_dir(self) -> Path:
+        """``output.dir``, or ``runs/<name>``; relative to the current directory."""
+        return Path(self.output.dir) if self.output.dir is not None else Path("runs") / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field, defaults filled in, as plain YAML-able values (``recipe_from_dict`` inverts it)."""
+        return {f.name: _plain(getattr(self, f.name)) for f in _yaml_fields(Recipe)}
+
+    def dump(self, path: str | os.PathLike) -> Path:
+        """Write the resolved recipe atomically; a folder gets ``recipe.resolved.yaml`` inside it.
+
+        Paths in it are absolute, so the file loads back to an equal recipe from wherever it is.
+        """
+        target = Path(path)
+        if target.suffix not in (".yaml", ".yml"):
+            target = target / RESOLVED_NAME
+        origin = f" from {self.source}" if self.source is not None else ""
+        header = f"# Resolved{origin}: defaults filled in, ${{VAR}} expanded, --set applied.\n"
+        with atomic_path(target) as tmp:
+            tmp.write_text(header + yaml.safe_dump(self.to_dict(), sort_keys=False), encoding="utf-8")
+        return target
+
+    def section_hash(self, *sections: str) -> str:
+        """sha256 of the canonical JSON of ``sections`` (all of the recipe when none are named).
+
+        A stage is reused on ``--resume`` when the sections it reads hash the same. Paths are hashed
+        as resolved names, not file contents: a checkpoint changed in place needs ``model.sha256``.
+        """
+        everything = self.to_dict()
+        unknown = [s for s in sections if s not in everything]
+        if unknown:
+            raise ValueError(f"no recipe section {unknown[0]!r}; sections: {', '.join(everything)}")
+        chosen = {s: everything[s] for s in sections} if sections else everything
+        canonical = json.dumps(chosen, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+        return hashlib.sha256(canonical.encode("ascii")).hexdigest()
+
+    def resolve_path(self, value: str) -> str:
+        """``value`` made absolute against the recipe file's folder; URLs and aliases are untouched."""
+        return _resolve_path(value, self.source.parent if self.source is not None else Path.cwd())
+
+    def require(self, *keys: str, purpose: str) -> None:
+        """Refuse to go on without optional-in-general fields, e.g. ``calibration.data`` to quantize."""
+        values = self.to_dict()
+        for key in keys:
+            node: Any = values
+            for part in key.split("."):
+                node = node[part]
+            if node is None:
+                raise NasquantError(
+                    f"{_label(self.source)}: {key} is required {purpose} "
+                    f"(set it in the recipe or with --set {key}=...)"
+                )
+
+
+def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Recipe:
+    """Read, override and validate a recipe file; every problem is one line naming the file and key.
+
+    ``overrides`` are ``"dotted.key=value"`` strings (``--set``), applied on top of the file.
+    """
+    label = os.fspath(path)
+    source = Path(os.path.abspath(path))
+    data = _read_yaml(source, label)
+    overridden = []
+    for override in overrides:
+        key, value = _parse_override(override, label)
+        _set_dotted(data, key, value, label)
+        overridden.append(key)
+    return _validate(data, source, _Context(label, source.parent, frozenset(overridden)))
+
+
+def recipe_from_dict(data: dict, *, source: Path | None = None) -> Recipe:
+    """Validate a mapping shaped like a recipe file; relative paths resolve against ``source``'s folder.
+
+    Without ``source`` they resolve against the current directory, and ``name`` is required.
+    """
+    source = Path(os.path.abspath(source)) if source is not None else None
+    label = _label(source)
+    data = _top_mapping(data, label)
+    return _validate(data, source, _Context(label, source.parent if source is not None else Path.cwd()))
+
+
+def _validate(data: dict, source: Path | None, context: _Context) -> Recipe:
+    if source is not None:
+        data = {"name": source.stem, **data}
+    return dataclasses.replace(_build(Recipe, data, "", context), source=source)
+
+
+@dataclass(frozen=True)
+class _Context:
+    """What error messages and path resolution need to know while one recipe is validated."""
+
+    label: str
+    base: Path
+    overridden: frozenset[str] = frozenset()
+
+    def from_set(self, key: str) -> bool:
+        return any(key == k or key.startswith((f"{k}.", f"{k}[")) for k in self.overridden)
+
+    def error(self, key: str, message: str) -> NasquantError:
+        origin = "--set " if self.from_set(key) else ""
+        return NasquantError(f"{self.label}: {origin}{key}: {message}")
+
+
+def _read_yaml(source: Path, label: str) -> dict:
+    try:
+        text = source.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise NasquantError(f"{label}: no such recipe file") from None
+    except IsADirectoryError:
+        raise NasquantError(f"{label}: is a folder, not a recipe file") from None
+    except UnicodeDecodeError:
+        raise NasquantError(f"{label}: not a UTF-8 text file") from None
+    except OSError as exc:
+        raise NasquantError(f"{label}: cannot read it: {exc.strerror or exc}") from None
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass: no arbitrary objects
+    except yaml.YAMLError as exc:
+        raise NasquantError(f"{label}: invalid YAML{_yaml_problem(exc)}") from None
+    return _top_mapping(data, label)
+
+
+def _top_mapping(data: Any, label: str) -> dict:
+    if not isinstance(data, dict):
+        got = "nothing" if data is None else _describe(data)
+        raise NasquantError(f"{label}: expected a mapping of sections (model, input, ...), got {got}")
+    return data
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses duplicate keys, which YAML would resolve silently to the last."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict:
+    loader.flatten_mapping(node)
+    seen: set = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        # Unhashable keys are left to construct_mapping, which refuses them with its own message.
+        if not isinstance(key, Hashable):
+            continue
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _parse_override(override: str, label: str) -> tuple[str, Any]:
+    key, sep, text = override.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise NasquantError(
+            f"{label}: --set expects KEY=VALUE (e.g. calibration.num_images=128), got {override!r}"
+        )
+    cls: Any = Recipe
+    parts = key.split(".")
+    for depth, part in enumerate(parts):
+        dotted = ".".join(parts[: depth + 1])
+        if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+            parent = ".".join(parts[:depth])
+            raise NasquantError(f"{label}: --set {key}: {parent} is a value, not a section")
+        names = [f.name for f in _yaml_fields(cls)]
+        if part not in names:
+            raise NasquantError(_unknown_key(label, dotted, names, " in --set"))
+        cls = _hints(cls)[part]
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise NasquantError(f"{label}: --set {key}: cannot parse {text!r}{_yaml_problem(exc)}") from None
+    return key, value
+
+
+def _set_dotted(data: dict, key: str, value: Any, label: str) -> None:
+    *sections, leaf = key.split(".")
+    node = data
+    for depth, part in enumerate(sections):
+        # An empty section in the file (all its fields commented out) reads as null: all defaults.
+        if node.get(part) is None:
+            node[part] = {}
+        node = node[part]
+        if not isinstance(node, dict):
+            dotted = ".".join(sections[: depth + 1])
+            raise NasquantError(f"{label}: {dotted}: expected a mapping, got {_describe(node)}")
+    node[leaf] = value
+
+
+def _build(cls: type, raw: Any, key: str, context: _Context) -> Any:
+    """Validate ``raw`` against the dataclass ``cls`` field by field, recursing into sections."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise context.error(key, f"expected a mapping, got {_describe(raw)}")
+    fields = _yaml_fields(cls)
+    names = [f.name for f in fields]
+    # Unknown keys first: a misspelt section would otherwise surface as a confusing "missing" error.
+    for name in raw:
+        if name not in names:
+            dotted = f"{key}.{name}" if key else str(name)
+            origin = " in --set" if context.from_set(dotted) else ""
+            raise NasquantError(_unknown_key(context.label, dotted, names, origin))
+    hints = _hints(cls)
+    values = {}
+    for f in fields:
+        dotted = f"{key}.{f.name}" if key else f.name
+        if f.name in raw:
+            values[f.name] = _field_value(raw[f.name], hints[f.name], f.metadata, dotted, context)
+        elif dataclasses.is_dataclass(hints[f.name]):
+            # An absent section is an empty one: its defaults, or an error naming its required key.
+            values[f.name] = _build(hints[f.name], {}, dotted, context)
+        elif f.default is MISSING and f.default_factory is MISSING:
+            raise NasquantError(f"{context.label}: missing required key '{dotted}'")
+    built = cls(**values)
+    # Checks between fields of one section (e.g. min_batch <= opt_batch) live on the section itself.
+    cross_checks = getattr(built, "_cross_checks", None)
+    for name, message in cross_checks() if cross_checks else []:
+        raise context.error(f"{key}.{name}", message)
+    return built
+
+
+def _field_value(value: Any, hint: Any, metadata: Any, key: str, context: _Context) -> Any:
+    value = _convert(value, hint, key, context)
+    _check(value, metadata, key, context)
+    if metadata.get("path") and value is not None:
+        value = _resolve_path(value, Path.cwd() if context.from_set(key) else context.base)
+    return value
+
+
+def _convert(value: Any, hint: Any, key: str, context: _Context) -> Any:
+    """``value`` checked against the type hint ``hint``; no coercion except int -> float."""
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key, context)
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (Union, UnionType):
+        if value is None:
+            return None
+        (inner,) = (arg for arg in args if arg is not NoneType)
+        return _convert(value, inner, key, context)
+    if origin is list:
+        if not isinstance(value, list):
+            raise context.error(key, f"expected a list, got {_describe(value)}")
+        return [_convert(item, args[0], f"{key}[{i}]", context) for i, item in enumerate(value)]
+    if isinstance(value, str):
+        value = _expand_env(value, key, context)
+    if origin is Literal:
+        if value not in args:
+            raise context.error(key, f"{_describe(value)} is not one of {', '.join(map(str, args))}")
+    elif hint is bool:
+        if not isinstance(value, bool):
+            raise context.error(key, f"expected true or false, got {_describe(value)}")
+    elif hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise context.error(key, f"expected an integer, got {_describe(value)}")
+    elif hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise context.error(key, f"expected a number, got {_describe(value)}")
+        value = float(value)
+    elif hint is str:
+        if not isinstance(value, str):
+            raise context.error(key, f"expected a string, got {_describe(value)}")
+    else:
+        raise TypeError(f"recipe field {key} has a type the validator does not handle: {hint!r}")
+    return value
+
+
+def _check(value: Any, metadata: Any, key: str, context: _Context) -> None:
+    """The field's constraints from :func:`_constrained`."""
+    if value is None:
+        return
+    if metadata.get("nonempty") and isinstance(value, (str, list)) and not value:
+        raise context.error(key, "must not be empty")
+    if metadata.get("unique") and isinstance(value, list) and len(set(value)) != len(value):
+        duplicate = next(item for i, item in enumerate(value) if item in value[:i])
+        raise context.error(key, f"lists {_describe(duplicate)} twice")
+    pattern = metadata.get("pattern")
+    if pattern and not re.fullmatch(pattern[0], value):
+        raise context.error(key, f"{_describe(value)} must be {pattern[1]}")
+    for i, number in enumerate(value if isinstance(value, list) else [value]):
+        where = f"{key}[{i}]" if isinstance(value, list) else key
+        if not isinstance(number, (int, float)) or isinstance(number, bool):
+            continue
+        if metadata.get("ge") is not None and number < metadata["ge"]:
+            raise context.error(where, f"must be at least {metadata['ge']}, got {number}")
+        if metadata.get("gt") is not None and number <= metadata["gt"]:
+            raise context.error(where, f"must be greater than {metadata['gt']}, got {number}")
+        if metadata.get("le") is not None and number > metadata["le"]:
+            raise context.error(where, f"must be at most {metadata['le']}, got {number}")
+        if metadata.get("multiple_of") and number % metadata["multiple_of"]:
+            raise context.error(where, f"must be a multiple of {metadata['multiple_of']}, got {number}")
+
+
+def _expand_env(text: str, key: str, context: _Context) -> str:
+    def substitute(match: re.Match) -> str:
+        name, sep, default = match.group(1).partition(":-")
+        if not _ENV_NAME.match(name):
+            raise context.error(key, f"{match.group(0)!r} is not ${{VAR}} or ${{VAR:-default}}")
+        value = os.environ.get(name)
+        if sep:
+            return value or default
+        if value is None:
+            raise context.error(
+                key, f"environment variable {name} is not set (write ${{{name}:-default}} to give a default)"
+            )
+        return value
+
+    return _ENV_REFERENCE.sub(substitute, text)
+
+
+def _resolve_path(value: str, base: Path) -> str:
+    if _URL.match(value):
+        return value
+    expanded = os.path.expanduser(value)
+    if os.path.isabs(expanded):
+        return os.path.normpath(expanded)
+    # An alias names a download, unless a file by that name sits right there (the same rule as
+    # nasquant.weights.hub: an existing path wins over an alias).
+    if value.lower().replace("-", "_") in get_args(Variant) and not (base / value).exists():
+        return value
+    return os.path.normpath(base / expanded)
+
+
+def _unknown_key(label: str, dotted: str, allowed: list[str], origin: str) -> str:
+    parent, _, name = dotted.rpartition(".")
+    close = difflib.get_close_matches(name, allowed, n=1)
+    suggestion = f"did you mean '{f'{parent}.' if parent else ''}{close[0]}'? " if close else ""
+    return f"{label}: unknown key '{dotted}'{origin} ({suggestion}allowed: {', '.join(allowed)})"
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return get_type_hints(cls)
+
+
+def _yaml_fields(cls: type) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if f.metadata.get("yaml", True)]
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {f.name: _plain(getattr(value, f.name)) for f in _yaml_fields(type(value))}
+    if isinstance(value, list):
+        return [_plain(item) for item in value]
+    return value
+
+
+def _label(source: Path | None) -> str:
+    """How messages name a recipe file: relative to the current directory when it is below it."""
+    if source is None:
+        return "recipe"
+    try:
+        return str(source.relative_to(Path.cwd()))
+    except ValueError:
+        return str(source)
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:77]}..."
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """``: <what>`` plus where, in one line (PyYAML's own text spans several, quoting the source)."""
+    if not isinstance(exc, yaml.MarkedYAMLError) or exc.problem is None:
+        return f": {' '.join(str(exc).split())}"
+    mark = exc.problem_mark
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{where}: {' '.join(exc.problem.split())}"
