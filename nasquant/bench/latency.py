@@ -1,0 +1,231 @@
+"""Latency of any :class:`~nasquant.runtime.base.Backend`: model-only and end-to-end.
+
+Every backend returns numpy arrays from ``run``, so a timed call always includes the host-to-device
+copy, the device work and the copy back: on CUDA the ``.cpu()``/output copy synchronises, and no
+explicit synchronisation is needed for the clock to be honest.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from time import perf_counter_ns
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from nasquant.data.preprocess import Preprocess, preprocess
+from nasquant.errors import NasquantError
+from nasquant.eval.postprocess import NMSSettings, postprocess
+from nasquant.predict import PREDICT_NMS
+from nasquant.runtime.base import Backend
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """Per-call latency over ``iterations`` timed calls of ``batch`` images, after ``warmup`` calls.
+
+    Percentiles are numpy's default ``method="linear"`` (interpolated between the two nearest
+    samples); ``images_per_s`` is the median throughput, ``batch * 1000 / p50_ms``.
+    """
+
+    batch: int
+    iterations: int
+    warmup: int
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    min_ms: float
+    images_per_s: float
+
+    @classmethod
+    def from_durations(cls, durations_ns: Sequence[int], *, batch: int, warmup: int) -> LatencyStats:
+        """Summarise the wall-clock durations (nanoseconds) of individual calls."""
+        if len(durations_ns) == 0:
+            raise ValueError("no timed iterations to summarise")
+        ms = np.asarray(durations_ns, dtype=np.float64) / 1e6
+        p50, p90, p99 = np.percentile(ms, [50, 90, 99], method="linear")
+        return cls(
+            batch=batch,
+            iterations=len(ms),
+            warmup=warmup,
+            p50_ms=float(p50),
+            p90_ms=float(p90),
+            p99_ms=float(p99),
+            mean_ms=float(ms.mean()),
+            min_ms=float(ms.min()),
+            images_per_s=batch * 1000.0 / float(p50),
+        )
+
+
+@dataclass(frozen=True)
+class BenchmarkResult:
+    """The timings of one artifact: model-only (the report's latency columns) and optionally end-to-end."""
+
+    imgsz: int
+    device: str
+    model: LatencyStats
+    end_to_end: LatencyStats | None = None
+
+    def row_fields(self) -> dict[str, Any]:
+        """Keyword arguments for :class:`nasquant.report.ReportRow`: ``p50_ms``, ``p90_ms``,
+        ``images_per_s`` from the model-only run, everything else under ``extra``."""
+        extra: dict[str, Any] = {
+            "p99_ms": self.model.p99_ms,
+            "mean_ms": self.model.mean_ms,
+            "min_ms": self.model.min_ms,
+            "bench_imgsz": self.imgsz,
+            "bench_batch": self.model.batch,
+            "bench_iterations": self.model.iterations,
+            "bench_warmup": self.model.warmup,
+            "device": self.device,
+        }
+        if self.end_to_end is not None:
+            extra.update(
+                e2e_p50_ms=self.end_to_end.p50_ms,
+                e2e_p90_ms=self.end_to_end.p90_ms,
+                e2e_images_per_s=self.end_to_end.images_per_s,
+            )
+        return {
+            "p50_ms": self.model.p50_ms,
+            "p90_ms": self.model.p90_ms,
+            "images_per_s": self.model.images_per_s,
+            "extra": extra,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _check_counts(warmup: int, iterations: int) -> None:
+    if warmup < 0:
+        raise NasquantError(f"warm-up iterations must be 0 or more, got {warmup}")
+    if iterations < 1:
+        raise NasquantError(f"benchmark iterations must be at least 1, got {iterations}")
+
+
+@contextmanager
+def _quiet_gc() -> Iterator[None]:
+    # As timeit does: a garbage collection landing inside one timed call would show up as a
+    # latency outlier that belongs to Python, not to the backend.
+    was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _time_calls(
+    call: Callable[[int], object], *, warmup: int, iterations: int, desc: str, progress: bool
+) -> list[int]:
+    """Run ``call(i)`` ``warmup`` times untimed, then return the durations of ``iterations`` calls."""
+    for index in range(warmup):
+        call(index)
+    durations = []
+    with _quiet_gc():
+        for index in tqdm(range(iterations), desc=desc, unit="it", disable=not progress):
+            start = perf_counter_ns()
+            call(warmup + index)
+            durations.append(perf_counter_ns() - start)
+    return durations
+
+
+def benchmark_model(
+    backend: Backend,
+    *,
+    imgsz: int,
+    batch: int = 1,
+    warmup: int = 10,
+    iterations: int = 50,
+    progress: bool = True,
+) -> LatencyStats:
+    """Latency of ``backend.run`` alone, on one fixed random ``(batch, 3, imgsz, imgsz)`` input."""
+    if imgsz < 1:
+        raise NasquantError(f"image size must be a positive number of pixels, got {imgsz}")
+    if batch < 1:
+        raise NasquantError(f"batch size must be at least 1, got {batch}")
+    _check_counts(warmup, iterations)
+    # A fixed seed, so every artifact of a run is timed on the very same input.
+    images = np.random.default_rng(0).random((batch, 3, imgsz, imgsz), dtype=np.float32)
+    durations = _time_calls(
+        lambda _: backend.run(images),
+        warmup=warmup,
+        iterations=iterations,
+        desc=f"bench {backend.describe()}",
+        progress=progress,
+    )
+    return LatencyStats.from_durations(durations, batch=batch, warmup=warmup)
+
+
+def benchmark_end_to_end(
+    backend: Backend,
+    images: Sequence[np.ndarray],
+    spec: Preprocess,
+    *,
+    nms: NMSSettings,
+    warmup: int = 10,
+    iterations: int = 50,
+    progress: bool = True,
+) -> LatencyStats:
+    """Latency of preprocess + ``run`` + post-process for one already decoded RGB image per call.
+
+    Calls cycle through ``images``; file reading and decoding are left out, since they depend on the
+    storage and the codec rather than on the artifact.
+    """
+    if len(images) == 0:
+        raise NasquantError("end-to-end benchmark needs at least one image")
+    _check_counts(warmup, iterations)
+
+    def call(index: int) -> None:
+        tensor, _ = preprocess(images[index % len(images)], spec)
+        boxes, scores = backend.run(tensor[None])
+        postprocess(boxes, scores, nms)
+
+    durations = _time_calls(
+        call,
+        warmup=warmup,
+        iterations=iterations,
+        desc=f"bench e2e {backend.describe()}",
+        progress=progress,
+    )
+    return LatencyStats.from_durations(durations, batch=1, warmup=warmup)
+
+
+def benchmark(
+    backend: Backend,
+    *,
+    imgsz: int,
+    batch: int = 1,
+    warmup: int = 10,
+    iterations: int = 50,
+    images: Sequence[np.ndarray] | None = None,
+    spec: Preprocess | None = None,
+    nms: NMSSettings = PREDICT_NMS,
+    progress: bool = True,
+) -> BenchmarkResult:
+    """Model-only timings, plus end-to-end timings when ``images`` are given.
+
+    End-to-end uses ``spec`` (default: the ``sg`` protocol at ``imgsz``) and the interactive
+    post-processing thresholds by default, since that is what a deployed detector runs.
+    """
+    model = benchmark_model(
+        backend, imgsz=imgsz, batch=batch, warmup=warmup, iterations=iterations, progress=progress
+    )
+    end_to_end = None
+    if images is not None:
+        spec = spec or Preprocess.from_protocol("sg", imgsz)
+        if spec.imgsz != imgsz:
+            raise NasquantError(
+                f"preprocessing produces {spec.imgsz}px inputs but the benchmark size is {imgsz}px"
+            )
+        end_to_end = benchmark_end_to_end(
+            backend, images, spec, nms=nms, warmup=warmup, iterations=iterations, progress=progress
+        )
+    return BenchmarkResult(imgsz=imgsz, device=backend.device, model=model, end_to_end=end_to_end)
