@@ -70,6 +70,52 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--conf", type=float, default=0.25, help="score threshold (default 0.25)")
     predict.add_argument("--iou", type=float, default=0.7, help="NMS IoU threshold (default 0.7)")
     predict.add_argument("--max-det", type=int, default=300, help="detections kept per image (default 300)")
+
+    quantize = commands.add_parser(
+        "quantize", help="recipe → calibrated INT8 + FP32 ONNX, validated, benchmarked, report"
+    )
+    quantize.add_argument("recipe", help="recipe YAML, e.g. recipes/shapes_s_int8.yaml")
+    quantize.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe value, e.g. --set calibration.num_images=128 (repeatable)",
+    )
+    quantize.add_argument("--output", help="run folder (default: output.dir of the recipe, else runs/<name>)")
+    quantize.add_argument(
+        "--resume", action="store_true", help="reuse finished stages whose inputs hash the same"
+    )
+    quantize.add_argument(
+        "--fail-on-drop",
+        type=float,
+        default=None,
+        metavar="POINTS",
+        help="exit 1 when an INT8 row loses more than POINTS mAP50-95 points vs FP32 (e.g. 0.5)",
+    )
+
+    bench = commands.add_parser("bench", help="latency of any model file (.pt/.pth/.safetensors/.onnx)")
+    bench.add_argument("--model", required=True, help="checkpoint or .onnx file")
+    bench.add_argument(
+        "--imgsz", type=int, default=None, help="input size (default: the model's own, else 640)"
+    )
+    bench.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
+    bench.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
+    bench.add_argument("--warmup", type=int, default=10, help="untimed runs first (default 10)")
+    bench.add_argument("--iterations", type=int, default=50, help="timed runs (default 50)")
+    bench.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when present)")
+    bench.add_argument("--json", metavar="PATH", help="write the benchmark row as JSON")
+
+    report = commands.add_parser("report", help="show a run's report, or compare several runs")
+    report.add_argument("runs", nargs="+", help="run folders (or their report.json)")
+    report.add_argument(
+        "--fail-on-drop",
+        type=float,
+        default=None,
+        metavar="POINTS",
+        help="exit 1 when an INT8 row of any run loses more than POINTS mAP50-95 points vs FP32",
+    )
     return parser
 
 
@@ -156,13 +202,86 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     print(f"annotated images and predictions.json written to {args.out}")
 
 
-COMMANDS = {"info": _cmd_info, "val": _cmd_val, "predict": _cmd_predict}
+def _gate(report: dict, points: float | None, label: str) -> int:
+    """The CI mode: print each INT8 row that dropped too far; non-zero when any did."""
+    from nasquant.report import check_drop
+
+    failures = [] if points is None else check_drop(report, points)
+    for failure in failures:
+        print(f"nasquant: accuracy gate ({label}): {failure}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from nasquant.pipeline import run_quantize
+    from nasquant.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    report = run_quantize(recipe, output=args.output, resume=args.resume)
+    points = args.fail_on_drop if args.fail_on_drop is not None else recipe.output.fail_on_drop
+    return _gate(report, points, report["run_dir"])
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from nasquant.bench import benchmark, set_threads
+
+    set_threads(args.threads)
+    if Path(args.model).suffix.lower() == ".onnx":
+        from nasquant.runtime import OnnxRuntimeBackend
+
+        backend = OnnxRuntimeBackend(args.model, device=args.device, threads=args.threads)
+        imgsz = args.imgsz or backend.input_size or 640
+    else:
+        from nasquant.api import NAS
+
+        nas = NAS(args.model, device=args.device).fuse()
+        backend, imgsz = nas.backend(), args.imgsz or nas.imgsz
+    result = benchmark(backend, imgsz=imgsz, batch=args.batch, warmup=args.warmup, iterations=args.iterations)
+    stats = result.model
+    print(
+        f"{args.model}: {backend.describe()}, {imgsz}px batch {stats.batch}: p50 {stats.p50_ms:.2f} ms, "
+        f"p90 {stats.p90_ms:.2f} ms, p99 {stats.p99_ms:.2f} ms, {stats.images_per_s:.1f} img/s"
+    )
+    if args.json:
+        row = {
+            "name": Path(args.model).name,
+            "backend": backend.name,
+            "precision": backend.precision,
+            **result.row_fields(),
+        }
+        write_json(args.json, row)
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from nasquant.report import compare_reports, load_report
+
+    if len(args.runs) == 1:
+        from nasquant.report import REPORT_MD, render_markdown
+
+        report = load_report(args.runs[0])
+        print(render_markdown(report, title=f"{args.runs[0]} ({REPORT_MD})"))
+    else:
+        print(compare_reports(args.runs))
+    return max(_gate(load_report(run), args.fail_on_drop, run) for run in args.runs)
+
+
+COMMANDS = {
+    "info": _cmd_info,
+    "val": _cmd_val,
+    "predict": _cmd_predict,
+    "quantize": _cmd_quantize,
+    "bench": _cmd_bench,
+    "report": _cmd_report,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args) or 0
     except NasquantError as exc:
         if args.debug:
             traceback.print_exc()
@@ -176,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"nasquant: error: {exc}", file=sys.stderr)
         return 1
-    return 0
+    return code
 
 
 if __name__ == "__main__":

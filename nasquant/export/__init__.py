@@ -1,0 +1,51 @@
+"""ONNX export: FP32 and INT8 (ModelOpt Q/DQ) graphs, metadata, and the two INT8 flavours."""
+
+from nasquant.export.onnx import (
+    KEY_FLAVOR,
+    KEY_FP_LAYERS,
+    KEY_INPUT_SIZE,
+    KEY_NAMES,
+    KEY_PRECISION,
+    KEY_PREPROCESS,
+    KEY_PROTOCOL,
+    KEY_RECIPE_HASH,
+    KEY_STRIDE,
+    KEY_VARIANT,
+    KEY_VERSION,
+    export_onnx,
+    load_onnx,
+    read_metadata,
+    save_onnx,
+    set_metadata,
+)
+from nasquant.export.qdq import (
+    count_qdq,
+    quantize_conv_outputs,
+    to_cpu_flavor,
+    to_uint8_activations,
+    write_cpu_flavor,
+)
+
+__all__ = [
+    "KEY_FLAVOR",
+    "KEY_FP_LAYERS",
+    "KEY_INPUT_SIZE",
+    "KEY_NAMES",
+    "KEY_PRECISION",
+    "KEY_PREPROCESS",
+    "KEY_PROTOCOL",
+    "KEY_RECIPE_HASH",
+    "KEY_STRIDE",
+    "KEY_VARIANT",
+    "KEY_VERSION",
+    "count_qdq",
+    "export_onnx",
+    "load_onnx",
+    "quantize_conv_outputs",
+    "read_metadata",
+    "save_onnx",
+    "set_metadata",
+    "to_cpu_flavor",
+    "to_uint8_activations",
+    "write_cpu_flavor",
+]

@@ -1,0 +1,215 @@
+"""ONNX export of a (fused, optionally ModelOpt-quantized) YOLO-NAS module.
+
+The graph takes ``images`` (N, 3, H, W) float32 in [0, 1] and returns ``boxes`` (N, A, 4) xyxy input
+pixels and ``scores`` (N, A, C), the same contract as :class:`nasquant.runtime.Backend`. nasquant's
+facts about the artifact (class names, input size, precision, ...) travel in the file's
+``metadata_props`` under the ``nasquant.*`` keys below, so any runtime can read them back.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+import onnx
+import torch
+from google.protobuf.message import DecodeError
+
+from nasquant import __version__
+from nasquant.errors import NasquantError
+from nasquant.io import atomic_path
+
+#: JSON list of class names, index = class id
+KEY_NAMES = "nasquant.names"
+#: variant name, e.g. ``yolo_nas_s``
+KEY_VARIANT = "nasquant.variant"
+#: the graph's (square) input side in pixels
+KEY_INPUT_SIZE = "nasquant.input_size"
+#: preprocessing protocol name (``sg`` / ``letterbox``)
+KEY_PROTOCOL = "nasquant.protocol"
+#: JSON of the full preprocessing spec (resize, pad value, rounding)
+KEY_PREPROCESS = "nasquant.preprocess"
+#: largest network stride: input sides must be multiples of it
+KEY_STRIDE = "nasquant.stride"
+#: hash of the recipe sections that produced the artifact
+KEY_RECIPE_HASH = "nasquant.recipe_hash"
+#: nasquant version that wrote the file
+KEY_VERSION = "nasquant.version"
+#: ``fp32`` or ``int8``
+KEY_PRECISION = "nasquant.precision"
+#: INT8 flavour: ``trt`` (signed activations) or ``cpu`` (unsigned activations); empty for FP32
+KEY_FLAVOR = "nasquant.flavor"
+#: JSON list of the layers kept in floating point in an INT8 graph
+KEY_FP_LAYERS = "nasquant.fp_layers"
+
+INPUT_NAME = "images"
+OUTPUT_NAMES = ("boxes", "scores")
+BATCH_AXIS = "batch"
+#: QuantizeLinear/DequantizeLinear with per-channel ``axis`` exist from opset 13 on.
+MIN_OPSET = 13
+MAX_STRIDE = 32
+
+
+def export_onnx(
+    model: torch.nn.Module,
+    path: str | os.PathLike,
+    *,
+    imgsz: int,
+    batch: int = 1,
+    dynamic_batch: bool = False,
+    opset: int = 17,
+    metadata: Mapping[str, str] | None = None,
+    simplify: bool = False,
+) -> Path:
+    """Write ``model`` as a checked ONNX graph at ``path``; return the path.
+
+    The file appears under its final name only once ``onnx.checker`` accepted it. ``metadata``
+    values must be strings; the input size, nasquant version and precision (``int8`` when the graph
+    holds QuantizeLinear nodes, else ``fp32``, unless given) are recorded by the export itself.
+    ``simplify`` constant-folds and cleans the graph with onnxslim, keeping every Q/DQ node.
+    """
+    if opset < MIN_OPSET:
+        raise NasquantError(
+            f"ONNX opset must be at least {MIN_OPSET} (Q/DQ per-channel quantization), got {opset}"
+        )
+    if imgsz < MAX_STRIDE or imgsz % MAX_STRIDE:
+        raise NasquantError(f"export input size must be a positive multiple of {MAX_STRIDE}, got {imgsz}")
+    if batch < 1:
+        raise NasquantError(f"export batch size must be at least 1, got {batch}")
+    _check_metadata(metadata or {})  # fail before tracing, not after
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        _trace_to_file(model, tmp, imgsz=imgsz, batch=batch, dynamic_batch=dynamic_batch, opset=opset)
+        graph = onnx.load(str(tmp))
+        if simplify:
+            graph = _simplify(graph)
+        facts = {
+            KEY_VERSION: __version__,
+            KEY_PRECISION: "int8" if _has_op(graph, "QuantizeLinear") else "fp32",
+            **(metadata or {}),
+            # A fact about this very graph: it wins over a caller's value (e.g. copies exported for
+            # benchmarking at another size than validation).
+            KEY_INPUT_SIZE: str(imgsz),
+        }
+        _write_checked(graph, tmp, facts)
+    return path
+
+
+def save_onnx(
+    model: onnx.ModelProto, path: str | os.PathLike, *, metadata: Mapping[str, str] | None = None
+) -> Path:
+    """Check ``model`` (after merging ``metadata`` into its metadata_props) and write it atomically."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        _write_checked(model, tmp, metadata or {})
+    return path
+
+
+def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:
+    """Load an ONNX file; a missing or unparsable file is a one-line :class:`NasquantError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise NasquantError(f"ONNX model not found: {path}")
+    try:
+        return onnx.load(str(path))
+    except DecodeError as exc:  # not an ONNX protobuf (truncated, or another format)
+        raise NasquantError(f"cannot read ONNX model {path}: {_first_line(exc)}") from exc
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The ``metadata_props`` of an ONNX file as a dict (all keys, nasquant's and others')."""
+    return {prop.key: prop.value for prop in load_onnx(path).metadata_props}
+
+
+def set_metadata(model: onnx.ModelProto, metadata: Mapping[str, str]) -> None:
+    """Merge ``metadata`` into ``model.metadata_props`` in place: given keys replace existing ones."""
+    _check_metadata(metadata)
+    merged = {prop.key: prop.value for prop in model.metadata_props}
+    merged.update(metadata)
+    del model.metadata_props[:]
+    for key, value in merged.items():
+        model.metadata_props.add(key=key, value=value)
+
+
+def _check_metadata(metadata: Mapping[str, str]) -> None:
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TypeError(f"ONNX metadata keys and values must be str, got {key!r}: {value!r}")
+
+
+def _write_checked(model: onnx.ModelProto, target: Path, metadata: Mapping[str, str]) -> None:
+    set_metadata(model, metadata)
+    # full_check adds strict shape/type inference: a mistyped Q/DQ rewrite fails here, not in a runtime.
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(target))
+
+
+@contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    with warnings.catch_warnings():
+        # Python control flow on tensor values (ModelOpt's amax checks) is constant for a fixed
+        # calibrated model, which is exactly what the trace should bake in.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        # We choose the TorchScript exporter on purpose: ModelOpt's Q/DQ symbolics only exist there.
+        warnings.filterwarnings(
+            "ignore", message=r".*legacy TorchScript-based ONNX export", category=DeprecationWarning
+        )
+        warnings.filterwarnings("ignore", message=r"The feature will be removed", category=DeprecationWarning)
+        yield
+
+
+def _trace_to_file(
+    model: torch.nn.Module, target: Path, *, imgsz: int, batch: int, dynamic_batch: bool, opset: int
+) -> None:
+    was_training = model.training
+    parameter = next(model.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    dummy = torch.zeros(batch, 3, imgsz, imgsz, device=device)
+    dynamic_axes = {name: {0: BATCH_AXIS} for name in (INPUT_NAME, *OUTPUT_NAMES)} if dynamic_batch else None
+    model.eval()
+    try:
+        with torch.no_grad(), _quiet_exporter():
+            torch.onnx.export(
+                model,
+                (dummy,),
+                str(target),
+                input_names=[INPUT_NAME],
+                output_names=list(OUTPUT_NAMES),
+                opset_version=opset,
+                dynamic_axes=dynamic_axes,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+    finally:
+        model.train(was_training)
+
+
+def _simplify(model: onnx.ModelProto) -> onnx.ModelProto:
+    try:
+        import onnxslim
+    except ImportError as exc:
+        raise NasquantError("graph simplification needs onnxslim: pip install onnxslim") from exc
+    from nasquant.export.qdq import count_qdq
+
+    before = count_qdq(model)
+    # Common-subexpression elimination merges the separate quantizers ModelOpt puts on each consumer
+    # of a shared tensor; equal numerics, but the Q/DQ placement TensorRT sees must stay ModelOpt's.
+    simplified = onnxslim.slim(model, skip_optimizations=["subexpression_elimination"])
+    after = count_qdq(simplified)
+    if after != before:
+        raise NasquantError(
+            f"graph simplification changed the Q/DQ nodes ({before} -> {after}); export with simplify off"
+        )
+    return simplified
+
+
+def _has_op(model: onnx.ModelProto, op_type: str) -> bool:
+    return any(node.op_type == op_type for node in model.graph.node)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,392 @@
+"""``nasquant quantize RECIPE``: load → fuse → FP32 eval → calibrate → select → export → validate → bench → report.
+
+Every stage's result is recorded in ``stages.json`` with a hash of its inputs, so ``--resume`` reuses
+finished stages whose inputs hash the same. Every file is written under a temporary name and
+renamed when complete, so an interrupted run never leaves a half-written artifact under a final name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from nasquant.api import NAS
+from nasquant.bench import benchmark, host_info, set_threads
+from nasquant.data.calibration import check_no_overlap, select_calibration_images
+from nasquant.data.datasets import DetectionDataset, iter_batches, load_dataset
+from nasquant.data.preprocess import Preprocess, read_image
+from nasquant.errors import NasquantError
+from nasquant.eval.postprocess import NMSSettings
+from nasquant.eval.validate import validate
+from nasquant.export import export_onnx, write_cpu_flavor
+from nasquant.export import onnx as onnx_keys
+from nasquant.io import write_json
+from nasquant.quant import calibrate, keep_in_float, load_calibration, save_calibration
+from nasquant.recipe import Recipe
+from nasquant.report import ReportRow, artifact_size_mb, load_report, write_report
+from nasquant.runtime import Backend, OnnxRuntimeBackend, TorchBackend
+
+Log = Callable[[str], None]
+#: Real images cycled through for the end-to-end (read-free pre + model + post) timing.
+END_TO_END_IMAGES = 8
+
+
+def _hash(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _file_hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+class StageCache:
+    """``stages.json``: per stage, the hash of its inputs and its (JSON) result."""
+
+    def __init__(self, run_dir: Path, *, resume: bool) -> None:
+        self.path = run_dir / "stages.json"
+        self.entries: dict = json.loads(self.path.read_text()) if resume and self.path.exists() else {}
+        self.resume = resume
+
+    def get(self, stage: str, key: str, outputs: list[Path] = ()) -> dict | None:
+        entry = self.entries.get(stage)
+        if self.resume and entry and entry["key"] == key and all(p.exists() for p in outputs):
+            return entry["result"]
+        return None
+
+    def put(self, stage: str, key: str, result: dict) -> dict:
+        self.entries[stage] = {"key": key, "result": result}
+        write_json(self.path, self.entries)
+        return result
+
+
+@dataclass
+class Artifact:
+    """One model file (or the torch module) that gets validated and benchmarked as a report row."""
+
+    name: str
+    backend: str
+    precision: str
+    flavor: str | None
+    path: Path | None
+    skipped_layers: list[str]
+    bench_path: Path | None = None
+
+
+def _subset(dataset: DetectionDataset, max_images: int | None) -> DetectionDataset:
+    if max_images is None or max_images >= len(dataset):
+        return dataset
+    keep = set(dataset.image_ids[:max_images])
+    coco = dict(dataset.coco)
+    coco["images"] = [image for image in coco["images"] if image["id"] in keep]
+    coco["annotations"] = [a for a in coco["annotations"] if a["image_id"] in keep]
+    return replace(
+        dataset,
+        image_paths=dataset.image_paths[:max_images],
+        image_ids=dataset.image_ids[:max_images],
+        coco=coco,
+    )
+
+
+def _tensorrt_skip_reason() -> str:
+    if importlib.util.find_spec("tensorrt") is None:
+        return "tensorrt not installed"
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    return "engine building arrives with the TensorRT milestone"
+
+
+class QuantizePipeline:
+    def __init__(
+        self,
+        recipe: Recipe,
+        *,
+        output: str | os.PathLike | None = None,
+        resume: bool = False,
+        progress: bool = True,
+        log: Log = print,
+    ) -> None:
+        self.recipe = recipe
+        recipe.require("calibration.data", "validation.data", purpose="to quantize")
+        self.run_dir = Path(output) if output else recipe.output_dir
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.cache = StageCache(self.run_dir, resume=resume)
+        self.progress = progress
+        self.log = log
+
+    def _stage(self, name: str, summary: str, started: float, cached: bool) -> None:
+        note = " (reused)" if cached else ""
+        self.log(f"[{name}] {summary} — {time.perf_counter() - started:.1f} s{note}")
+
+    def run(self) -> dict:
+        recipe = self.recipe
+        recipe.dump(self.run_dir / "recipe.resolved.yaml")
+        set_threads(recipe.benchmark.threads)
+
+        started = time.perf_counter()
+        nas = NAS(
+            recipe.resolve_path(recipe.model.checkpoint),
+            variant=recipe.model.variant,
+            sha256=recipe.model.sha256,
+        ).fuse()
+        if recipe.model.class_names:
+            if len(recipe.model.class_names) != nas.model.num_classes:
+                raise NasquantError(
+                    f"model.class_names lists {len(recipe.model.class_names)} names but the model has "
+                    f"{nas.model.num_classes} classes"
+                )
+            nas.names = list(recipe.model.class_names)
+        spec = nas.preprocessing(recipe.validation.protocol, recipe.input.size)
+        model_key = _hash(nas.checkpoint.sha256, spec)
+        self._stage(
+            "load",
+            f"{nas.variant}, {nas.model.num_classes} classes, input {spec.imgsz}, fused",
+            started,
+            False,
+        )
+
+        validation = load_dataset(recipe.resolve_path(recipe.validation.data), kind=recipe.validation.format)
+        val_subset = _subset(validation, recipe.validation.max_images)
+        nms = NMSSettings(
+            conf=recipe.validation.conf,
+            iou=recipe.validation.iou,
+            top_k=recipe.validation.top_k,
+            max_det=recipe.validation.max_det,
+        )
+        calibrated, skipped = self._calibrate(nas, spec, validation, model_key)
+        artifacts = self._export(nas, spec, calibrated, skipped, model_key)
+        rows = [self._evaluate(artifact, nas, spec, val_subset, nms) for artifact in artifacts]
+        if recipe.engines.enabled:
+            reason = _tensorrt_skip_reason()
+            rows += [
+                ReportRow.skipped_row(f"TRT {p.upper()}", "tensorrt", p, reason)
+                for p in recipe.engines.precisions
+            ]
+        files = write_report(
+            self.run_dir,
+            recipe=recipe.to_dict(),
+            host=host_info(ort_threads=recipe.benchmark.threads),
+            rows=rows,
+            title=f"{recipe.name}: FP32 vs INT8 ({nas.variant}, {validation.name})",
+        )
+        self.log(f"[report] {files['md']}")
+        report = load_report(files["json"])
+        report["run_dir"] = str(self.run_dir)
+        return report
+
+    def _calibrate(self, nas: NAS, spec, validation: DetectionDataset, model_key: str):
+        recipe, section = self.recipe, self.recipe.calibration
+        started = time.perf_counter()
+        source = load_dataset(recipe.resolve_path(section.data), kind=section.format)
+        image_list = recipe.resolve_path(section.image_list) if section.image_list else None
+        chosen = select_calibration_images(
+            source, num_images=section.num_images, seed=section.seed, image_list=image_list
+        )
+        check_no_overlap(chosen.image_paths, validation.image_paths, allow=section.allow_overlap)
+        path = self.run_dir / "calibration.safetensors"
+        key = _hash(
+            model_key,
+            recipe.section_hash("calibration"),
+            recipe.quantization.per_channel_weights,
+            [p.name for p in chosen.image_paths],
+        )
+        cached = self.cache.get("calibrate", key, [path]) is not None
+        if cached:
+            quantized = load_calibration(nas.model, path)
+        else:
+            batches = (b.images for b in iter_batches(chosen, spec, section.batch_size))
+            quantized = calibrate(
+                nas.model,
+                batches,
+                method=section.method,
+                percentile=section.percentile,
+                per_channel_weights=recipe.quantization.per_channel_weights,
+                progress=self.progress,
+                total=-(-len(chosen) // section.batch_size),
+            )
+            save_calibration(
+                quantized,
+                path,
+                settings={
+                    "method": section.method,
+                    "percentile": section.percentile,
+                    "per_channel_weights": recipe.quantization.per_channel_weights,
+                    "num_images": len(chosen),
+                },
+            )
+            self.cache.put("calibrate", key, {"images": [str(p) for p in chosen.image_paths]})
+        self._stage("calibrate", f"{len(chosen)} images, {section.method}", started, cached)
+        selective, skipped = keep_in_float(quantized, recipe.quantization.skip)
+        self.log(f"[select] kept in floating point ({len(skipped)}): {', '.join(skipped) or 'none'}")
+        return (quantized, selective), skipped
+
+    def _metadata(
+        self, nas: NAS, spec: Preprocess, flavor: str | None, fp_layers: list[str]
+    ) -> dict[str, str]:
+        """What a consumer of the ONNX file needs besides the graph (export adds version, precision, size)."""
+        return {
+            onnx_keys.KEY_NAMES: json.dumps(nas.names),
+            onnx_keys.KEY_VARIANT: nas.variant,
+            onnx_keys.KEY_PROTOCOL: self.recipe.validation.protocol,
+            onnx_keys.KEY_PREPROCESS: json.dumps(asdict(spec)),
+            onnx_keys.KEY_STRIDE: "32",
+            onnx_keys.KEY_RECIPE_HASH: self.recipe.section_hash(
+                "model", "input", "calibration", "quantization", "export"
+            ),
+            onnx_keys.KEY_FLAVOR: flavor or "",
+            onnx_keys.KEY_FP_LAYERS: json.dumps(fp_layers),
+        }
+
+    def _export(self, nas: NAS, spec, calibrated, skipped: list[str], model_key: str) -> list[Artifact]:
+        recipe = self.recipe
+        started = time.perf_counter()
+        all_layers, selective = calibrated
+        bench_size = recipe.benchmark.size or spec.imgsz
+        # Graphs have a static input size: timing at another size needs its own copies, same weights.
+        folders = {spec.imgsz: self.run_dir}
+        if bench_size != spec.imgsz:
+            folders[bench_size] = self.run_dir / "bench"
+        variants = [("ORT FP32", nas.model, "fp32", "model.fp32", [])]
+        variants.append(("ORT INT8 selective", selective, "int8", "model.int8", skipped))
+        if recipe.quantization.quantize_all_baseline:
+            variants.append(("ORT INT8 all-layers", all_layers, "int8", "model.int8-all", []))
+
+        artifacts = [Artifact("torch FP32", "torch", "fp32", None, None, [])]
+        for name, _, precision, stem, fp_layers in variants:
+            for flavor in [None] if precision == "fp32" else ["cpu", "trt"]:
+                file = f"{stem}.{flavor}.onnx" if flavor else f"{stem}.onnx"
+                label = f"{name} (trt flavor)" if flavor == "trt" else name
+                artifacts.append(
+                    Artifact(
+                        label,
+                        "onnxruntime",
+                        precision,
+                        flavor,
+                        self.run_dir / file,
+                        fp_layers,
+                        folders[bench_size] / file,
+                    )
+                )
+        outputs = [p for a in artifacts[1:] for p in (a.path, a.bench_path)]
+        key = _hash(
+            model_key,
+            self.cache.entries.get("calibrate", {}).get("key"),
+            recipe.section_hash("export"),
+            recipe.quantization.skip,
+            bench_size,
+        )
+        cached = self.cache.get("export", key, outputs) is not None
+        if not cached:
+            for _, module, precision, stem, fp_layers in variants:
+                for size, folder in folders.items():
+                    self._export_variant(module, nas, spec, precision, folder / stem, fp_layers, size)
+            self.cache.put("export", key, {"files": sorted({str(p) for p in outputs})})
+        self._stage(
+            "export", f"{len(artifacts) - 1} ONNX graphs (opset {recipe.export.opset})", started, cached
+        )
+        return artifacts
+
+    def _export_variant(
+        self, module, nas: NAS, spec, precision: str, stem: Path, fp_layers: list[str], size: int
+    ) -> None:
+        """Write ``stem.onnx`` (FP32) or ``stem.trt.onnx`` + ``stem.cpu.onnx`` (INT8, one calibration)."""
+        section = self.recipe.export
+        target = stem.with_name(f"{stem.name}.onnx" if precision == "fp32" else f"{stem.name}.trt.onnx")
+        export_onnx(
+            module,
+            target,
+            imgsz=size,
+            batch=self.recipe.benchmark.batch_sizes[0],
+            dynamic_batch=section.dynamic_batch,
+            opset=section.opset,
+            simplify=section.simplify,
+            metadata=self._metadata(nas, spec, None if precision == "fp32" else "trt", fp_layers),
+        )
+        if precision == "int8":
+            write_cpu_flavor(target, stem.with_name(f"{stem.name}.cpu.onnx"))
+
+    def _backend(self, artifact: Artifact, nas: NAS, path: Path | None) -> Backend:
+        if artifact.backend == "torch":
+            return TorchBackend(nas.model, device="cpu")
+        return OnnxRuntimeBackend(path, threads=self.recipe.benchmark.threads)
+
+    def _evaluate(
+        self, artifact: Artifact, nas: NAS, spec: Preprocess, dataset: DetectionDataset, nms: NMSSettings
+    ) -> ReportRow:
+        recipe = self.recipe
+        started = time.perf_counter()
+        identity = _file_hash(artifact.path) if artifact.path else _hash(nas.checkpoint.sha256, "torch-fused")
+        key = _hash(identity, recipe.section_hash("validation", "benchmark"), spec)
+        stage = f"evaluate {artifact.name}"
+        result = self.cache.get(stage, key)
+        cached = result is not None
+        if not cached:
+            # A static-batch graph runs only the batch it was exported with.
+            static = artifact.backend == "onnxruntime" and not recipe.export.dynamic_batch
+            batch = recipe.benchmark.batch_sizes[0] if static else recipe.validation.batch_size
+            metrics = validate(
+                self._backend(artifact, nas, artifact.path),
+                dataset,
+                spec,
+                nms=nms,
+                batch_size=batch,
+                progress=self.progress,
+            )
+            bench_size = recipe.benchmark.size or spec.imgsz
+            samples = [read_image(p) for p in dataset.image_paths[:END_TO_END_IMAGES]]
+            timing = benchmark(
+                self._backend(artifact, nas, artifact.bench_path),
+                imgsz=bench_size,
+                batch=recipe.benchmark.batch_sizes[0],
+                warmup=recipe.benchmark.warmup,
+                iterations=recipe.benchmark.iterations,
+                progress=self.progress,
+                images=samples if recipe.benchmark.end_to_end else None,
+                spec=nas.preprocessing(recipe.validation.protocol, bench_size),
+            )
+            fields = timing.row_fields()
+            result = self.cache.put(
+                stage,
+                key,
+                {
+                    "map50_95": metrics["map50_95"],
+                    "map50": metrics["map50"],
+                    **{k: fields[k] for k in ("p50_ms", "p90_ms", "images_per_s")},
+                    "extra": {"map75": metrics["map75"], **fields["extra"]},
+                },
+            )
+        self._stage(
+            stage,
+            f"mAP50-95 {result['map50_95']:.4f}, p50 {result['p50_ms']:.1f} ms "
+            f"@{result['extra']['bench_imgsz']}px",
+            started,
+            cached,
+        )
+        return ReportRow(
+            name=artifact.name,
+            backend=artifact.backend,
+            precision=artifact.precision,
+            flavor=artifact.flavor,
+            skipped_layers=artifact.skipped_layers,
+            size_mb=artifact_size_mb(artifact.path) if artifact.path else None,
+            **result,
+        )
+
+
+def run_quantize(
+    recipe: Recipe,
+    *,
+    output: str | os.PathLike | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    log: Log = print,
+) -> dict:
+    """Run the whole pipeline for ``recipe``; return the report dict (``report.json`` plus ``run_dir``)."""
+    return QuantizePipeline(recipe, output=output, resume=resume, progress=progress, log=log).run()

@@ -1,0 +1,164 @@
+"""ONNX Runtime execution of an exported YOLO-NAS graph (FP32 or INT8 Q/DQ) on CPU or CUDA."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidGraph, InvalidProtobuf
+from onnxruntime.capi.onnxruntime_pybind11_state import NotImplemented as OrtNotImplemented
+
+from nasquant.errors import NasquantError
+from nasquant.export.onnx import KEY_PRECISION, OUTPUT_NAMES
+from nasquant.runtime.base import Backend
+
+OPTIMIZATION_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+_CPU, _CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
+# ORT's warnings here are noise (e.g. initializers left unused by fusion); errors still raise.
+_LOG_ERRORS_ONLY = 3
+
+
+class OnnxRuntimeBackend(Backend):
+    """Runs an exported ``.onnx`` with ONNX Runtime; ``run`` follows the :class:`Backend` contract.
+
+    ``device``: ``None``/``"auto"`` (CUDA when ORT has it, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
+    ``threads``: intra-op threads (``None``: ORT's default, one per physical core); inter-op is 1
+    and execution sequential, so timings are reproducible.
+    """
+
+    name = "onnxruntime"
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        device: str | None = None,
+        threads: int | None = None,
+        optimization_level: str = "all",
+    ) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise NasquantError(f"ONNX model not found: {self.path}")
+        providers, self.device = _providers(device)
+        self.session = _session(self.path, providers, _options(optimization_level, threads))
+        if device not in (None, "", "auto", "cpu") and self.session.get_providers()[0] != _CUDA:
+            # ORT silently falls back to CPU when the CUDA libraries do not load.
+            raise NasquantError(
+                f"device {device!r} requested but ONNX Runtime could not start its CUDA provider"
+            )
+        if self.session.get_providers()[0] != _CUDA:
+            self.device = "cpu"
+        self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
+        self.precision: str = self.metadata.get(KEY_PRECISION) or _graph_precision(self.path)
+
+        model_input = self.session.get_inputs()[0]
+        self._input_name = model_input.name
+        shape = model_input.shape
+        if len(shape) != 4:
+            raise NasquantError(f"{self.path}: expected a (N, 3, H, W) image input, found shape {shape}")
+        # A symbolic dimension is a string (or None); a fixed one is an int.
+        self.batch_size: int | None = shape[0] if isinstance(shape[0], int) else None
+        self.input_size: int | None = shape[2] if isinstance(shape[2], int) else None
+        self._spatial = tuple(d if isinstance(d, int) else None for d in shape[1:])
+        outputs = [o.name for o in self.session.get_outputs()]
+        if len(outputs) < 2:
+            raise NasquantError(f"{self.path}: expected boxes and scores outputs, found {outputs}")
+        self._output_names = list(OUTPUT_NAMES) if set(OUTPUT_NAMES) <= set(outputs) else outputs[:2]
+
+    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        images = np.ascontiguousarray(images, dtype=np.float32)
+        if images.ndim != 4:
+            raise NasquantError(f"expected a (N, 3, H, W) batch, got shape {images.shape}")
+        for have, want in zip(images.shape[1:], self._spatial, strict=True):
+            if want is not None and have != want:
+                raise NasquantError(
+                    f"{self.path.name} takes (N, {', '.join(str(d) for d in self._spatial)}) inputs, "
+                    f"got {tuple(images.shape)}"
+                )
+        count = len(images)
+        if self.batch_size is not None and count > self.batch_size:
+            raise NasquantError(
+                f"batch of {count} images exceeds {self.path.name}'s fixed batch size {self.batch_size}; "
+                "use a smaller batch or export with a dynamic batch"
+            )
+        if self.batch_size is not None and count < self.batch_size:
+            # A partial last batch (validation) fits a fixed-batch graph once padded; extra rows are dropped.
+            padding = np.zeros((self.batch_size - count, *images.shape[1:]), dtype=np.float32)
+            images = np.concatenate([images, padding])
+        boxes, scores = self.session.run(self._output_names, {self._input_name: images})
+        return boxes[:count].astype(np.float32, copy=False), scores[:count].astype(np.float32, copy=False)
+
+
+def optimized_op_types(
+    path: str | os.PathLike, *, optimization_level: str = "all", threads: int = 1
+) -> Counter[str]:
+    """Op types of the graph ONNX Runtime's CPU provider actually executes after its optimizations.
+
+    An INT8 model whose Q/DQ pairs ORT fused shows integer kernels (see :data:`INTEGER_OPS`); one
+    that still lists only Conv + QuantizeLinear/DequantizeLinear runs fake-quant float math.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise NasquantError(f"ONNX model not found: {path}")
+    options = _options(optimization_level, threads)
+    with tempfile.TemporaryDirectory(prefix="nasquant-ort-") as folder:
+        optimized = Path(folder) / "optimized.onnx"
+        options.optimized_model_filepath = str(optimized)
+        _session(path, [_CPU], options)
+        graph = onnx.load(str(optimized), load_external_data=False).graph
+    return Counter(node.op_type for node in graph.node)
+
+
+def _options(optimization_level: str, threads: int | None) -> ort.SessionOptions:
+    if optimization_level not in OPTIMIZATION_LEVELS:
+        raise NasquantError(
+            f"unknown ONNX Runtime optimization level {optimization_level!r}; "
+            f"expected one of {', '.join(OPTIMIZATION_LEVELS)}"
+        )
+    if threads is not None and threads < 1:
+        raise NasquantError(f"threads must be at least 1, got {threads}")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = OPTIMIZATION_LEVELS[optimization_level]
+    options.intra_op_num_threads = threads or 0
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = _LOG_ERRORS_ONLY
+    return options
+
+
+def _providers(device: str | None) -> tuple[list, str]:
+    """Execution providers for ``device`` and the device string to report."""
+    available = ort.get_available_providers()
+    if device in (None, "", "auto"):
+        device = "cuda" if _CUDA in available else "cpu"
+    if device == "cpu":
+        return [_CPU], "cpu"
+    kind, _, index = device.partition(":")
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise NasquantError(f"unknown device {device!r}; use cpu, cuda or cuda:N")
+    if _CUDA not in available:
+        raise NasquantError(f"device {device!r} requested but this onnxruntime build has no CUDA provider")
+    return [(_CUDA, {"device_id": int(index or 0)}), _CPU], device
+
+
+def _session(path: Path, providers: list, options: ort.SessionOptions) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    except (InvalidProtobuf, InvalidGraph, OrtNotImplemented, Fail) as exc:  # not a model ORT can run
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise NasquantError(f"cannot load ONNX model {path}: {first}") from exc
+
+
+def _graph_precision(path: Path) -> str:
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return "int8" if any(node.op_type == "QuantizeLinear" for node in graph.node) else "fp32"

@@ -1,0 +1,271 @@
+"""INT8 export from one ModelOpt calibration: the TensorRT flavour as ModelOpt emits it, and the exact,
+integer-kernel CPU flavour derived from it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from nasquant import NAS
+from nasquant.data.calibration import select_calibration_images
+from nasquant.data.datasets import iter_batches, load_dataset
+from nasquant.data.preprocess import preprocess, read_image
+from nasquant.errors import NasquantError
+from nasquant.eval.postprocess import Detections, postprocess
+from nasquant.export import (
+    KEY_FLAVOR,
+    KEY_PRECISION,
+    count_qdq,
+    export_onnx,
+    quantize_conv_outputs,
+    read_metadata,
+    to_uint8_activations,
+    write_cpu_flavor,
+)
+from nasquant.quant import calibrate, keep_in_float
+from nasquant.runtime import OnnxRuntimeBackend, optimized_op_types
+from tests.shared import shared_path
+
+IMGSZ = 320
+# YOLO-NAS-S: 98 convs + 2 transposed convs (weights and inputs) + 3 SPP max-pools (inputs)
+WEIGHT_QDQ, ACTIVATION_QDQ = 100, 103
+
+
+@pytest.fixture(scope="module")
+def nas() -> NAS:
+    return NAS(shared_path("fixtures", "yolo_nas_s_shapes.pt")).fuse()
+
+
+@pytest.fixture(scope="module")
+def calibrated(nas: NAS) -> torch.nn.Module:
+    chosen = select_calibration_images(load_dataset(shared_path("data", "shapes", "calib")), num_images=16)
+    batches = [batch.images for batch in iter_batches(chosen, nas.preprocessing(), 8)]
+    return calibrate(nas.model, batches, method="max", progress=False)
+
+
+@pytest.fixture(scope="module")
+def flavors(calibrated: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("int8")
+    trt = export_onnx(
+        calibrated,
+        folder / "model.int8.trt.onnx",
+        imgsz=IMGSZ,
+        dynamic_batch=True,
+        metadata={KEY_FLAVOR: "trt"},
+    )
+    return {"trt": trt, "cpu": write_cpu_flavor(trt, folder / "model.int8.cpu.onnx")}
+
+
+@pytest.fixture(scope="module")
+def images(nas: NAS) -> np.ndarray:
+    paths = sorted(shared_path("data", "shapes", "val", "images").glob("*.jpg"))[:4]
+    return np.stack([preprocess(read_image(p), nas.preprocessing())[0] for p in paths])
+
+
+def _qdq_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    return [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+
+
+def _values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    values = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    return values
+
+
+def _is_weight(node: onnx.NodeProto, model: onnx.ModelProto) -> bool:
+    initializers = {init.name for init in model.graph.initializer}
+    producers = {out: n for n in model.graph.node for out in n.output}
+    source = node.input[0] if node.op_type == "QuantizeLinear" else producers[node.input[0]].input[0]
+    return source in initializers
+
+
+def test_tensorrt_flavor_is_modelopts_signed_qdq(flavors: dict[str, Path]) -> None:
+    model = onnx.load(str(flavors["trt"]))
+    assert count_qdq(model) == {
+        "QuantizeLinear": WEIGHT_QDQ + ACTIVATION_QDQ,
+        "DequantizeLinear": WEIGHT_QDQ + ACTIVATION_QDQ,
+        "weight_dq": WEIGHT_QDQ,
+        "activation_dq": ACTIVATION_QDQ,
+    }
+    values = _values(model)
+    assert all(
+        values[n.input[2]].dtype == np.int8 and not values[n.input[2]].any() for n in _qdq_nodes(model)
+    )
+    assert read_metadata(flavors["trt"])[KEY_PRECISION] == "int8"
+
+
+def test_to_uint8_activations_shifts_only_activation_zero_points(flavors: dict[str, Path]) -> None:
+    signed = onnx.load(str(flavors["trt"]))
+    original = signed.SerializeToString()
+    unsigned = to_uint8_activations(signed)
+    assert signed.SerializeToString() == original  # the input model is not modified
+    assert count_qdq(unsigned) == count_qdq(signed)
+    old, new = _values(signed), _values(unsigned)
+    old_nodes = {n.name: n for n in _qdq_nodes(signed)}
+    for node in _qdq_nodes(unsigned):
+        zero = new[node.input[2]]
+        if _is_weight(node, unsigned):
+            assert zero.dtype == np.int8 and not zero.any()
+        else:
+            assert zero.dtype == np.uint8 and zero.shape == () and int(zero) == 128
+        np.testing.assert_array_equal(new[node.input[1]], old[old_nodes[node.name].input[1]])  # same scale
+    # Already unsigned: a second pass changes nothing.
+    assert to_uint8_activations(unsigned).SerializeToString() == unsigned.SerializeToString()
+
+
+def test_cpu_flavor_computes_exactly_what_the_tensorrt_flavor_computes(
+    flavors: dict[str, Path], images: np.ndarray
+) -> None:
+    # With ORT's graph rewrites off, each graph runs as written: the reference semantics.
+    trt = OnnxRuntimeBackend(flavors["trt"], optimization_level="disable").run(images)
+    cpu = OnnxRuntimeBackend(flavors["cpu"], optimization_level="disable").run(images)
+    np.testing.assert_array_equal(cpu[0], trt[0])
+    np.testing.assert_array_equal(cpu[1], trt[1])
+
+
+def test_cpu_flavor_runs_integer_convolutions(flavors: dict[str, Path]) -> None:
+    cpu = onnx.load(str(flavors["cpu"]))
+    added = count_qdq(cpu)["QuantizeLinear"] - (WEIGHT_QDQ + ACTIVATION_QDQ)
+    assert added >= 60  # convs whose output feeds only same-scale quantizers (not residual adds, not heads)
+    assert read_metadata(flavors["cpu"])[KEY_FLAVOR] == "cpu"
+    assert read_metadata(flavors["cpu"])[KEY_PRECISION] == "int8"
+    ops = optimized_op_types(flavors["cpu"])
+    assert ops["QLinearConv"] >= added
+    # ModelOpt's graph as is (inputs quantized, outputs not) gives ORT nothing to fuse: float convs.
+    assert optimized_op_types(flavors["trt"])["QLinearConv"] == 0
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    lt, rb = np.maximum(a[:2], b[:2]), np.minimum(a[2:], b[2:])
+    inter = float(np.prod(np.clip(rb - lt, 0, None)))
+    union = float(np.prod(a[2:] - a[:2]) + np.prod(b[2:] - b[:2])) - inter
+    return inter / union
+
+
+def _covered(confident: Detections, other: Detections) -> bool:
+    """Every confident detection has a same-class twin (IoU >= 0.9, score within 0.1) in ``other``."""
+    for box, score, cls in zip(confident.boxes, confident.scores, confident.class_ids, strict=True):
+        twins = [
+            i
+            for i in range(len(other))
+            if other.class_ids[i] == cls
+            and _iou(box, other.boxes[i]) >= 0.9
+            and abs(other.scores[i] - score) <= 0.1
+        ]
+        if not twins:
+            return False
+    return True
+
+
+def test_flavors_give_the_same_detections_with_all_optimizations(
+    flavors: dict[str, Path], images: np.ndarray
+) -> None:
+    # Now the CPU flavour runs integer kernels and the TensorRT one float math on the same grid:
+    # they differ by requantization rounding only.
+    trt = OnnxRuntimeBackend(flavors["trt"], threads=2).run(images)
+    cpu = OnnxRuntimeBackend(flavors["cpu"], threads=2).run(images)
+    assert np.abs(cpu[1] - trt[1]).max() < 0.15
+    for trt_dets, cpu_dets in zip(postprocess(*trt, conf=0.25), postprocess(*cpu, conf=0.25), strict=True):
+        assert len(trt_dets) > 0
+        assert _covered(_confident(trt_dets), cpu_dets) and _covered(_confident(cpu_dets), trt_dets)
+
+
+def _confident(detections: Detections, threshold: float = 0.5) -> Detections:
+    keep = detections.scores >= threshold
+    return Detections(detections.boxes[keep], detections.scores[keep], detections.class_ids[keep])
+
+
+def test_simplify_keeps_every_qdq_node(
+    calibrated: torch.nn.Module, flavors: dict[str, Path], tmp_path: Path
+) -> None:
+    slim = export_onnx(calibrated, tmp_path / "slim.onnx", imgsz=IMGSZ, dynamic_batch=True, simplify=True)
+    assert count_qdq(onnx.load(str(slim))) == count_qdq(onnx.load(str(flavors["trt"])))
+    images = np.random.default_rng(0).random((1, 3, IMGSZ, IMGSZ), dtype=np.float32)
+    plain = OnnxRuntimeBackend(flavors["trt"], optimization_level="disable").run(images)
+    slimmed = OnnxRuntimeBackend(slim, optimization_level="disable").run(images)
+    np.testing.assert_array_equal(plain[1], slimmed[1])
+
+
+def test_cpu_flavor_of_a_simplified_selective_graph(calibrated: torch.nn.Module, tmp_path: Path) -> None:
+    # Regression: onnxslim records int8 types in value_info; the uint8 rewrite must not trip on them.
+    selective, _ = keep_in_float(calibrated, ["backbone.stem.*"])
+    trt = export_onnx(selective, tmp_path / "sel.trt.onnx", imgsz=IMGSZ, simplify=True)
+    cpu = write_cpu_flavor(trt, tmp_path / "sel.cpu.onnx")
+    images = np.random.default_rng(1).random((1, 3, IMGSZ, IMGSZ), dtype=np.float32)
+    signed = OnnxRuntimeBackend(trt, optimization_level="disable").run(images)
+    unsigned = OnnxRuntimeBackend(cpu, optimization_level="disable").run(images)
+    np.testing.assert_array_equal(signed[1], unsigned[1])
+
+
+# Small hand-built graphs pin down when a conv output may be quantized.
+
+
+def _qdq_conv_graph(tail: str, scales: tuple[float, float] = (0.1, 0.1)) -> onnx.ModelProto:
+    """x -> Q/DQ -> Conv -> Relu, then two quantizers with ``scales`` (``tail="quant"``) or a residual
+    Add with the float input (``tail="residual"``)."""
+    inits = [
+        numpy_helper.from_array(np.ones((2, 2, 1, 1), np.float32), "w"),
+        numpy_helper.from_array(np.array(0.1, np.float32), "s_in"),
+        numpy_helper.from_array(np.array(0, np.int8), "z_in"),
+        numpy_helper.from_array(np.full(2, 0.01, np.float32), "s_w"),
+        numpy_helper.from_array(np.zeros(2, np.int8), "z_w"),
+        numpy_helper.from_array(np.array(scales[0], np.float32), "s_a"),
+        numpy_helper.from_array(np.array(scales[1], np.float32), "s_b"),
+        numpy_helper.from_array(np.array(0, np.int8), "z_a"),
+        numpy_helper.from_array(np.array(0, np.int8), "z_b"),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "s_in", "z_in"], ["xq"], name="in_q"),
+        helper.make_node("DequantizeLinear", ["xq", "s_in", "z_in"], ["xd"], name="in_dq"),
+        helper.make_node("QuantizeLinear", ["w", "s_w", "z_w"], ["wq"], name="w_q", axis=0),
+        helper.make_node("DequantizeLinear", ["wq", "s_w", "z_w"], ["wd"], name="w_dq", axis=0),
+        helper.make_node("Conv", ["xd", "wd"], ["c"], name="conv"),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+    ]
+    if tail == "residual":
+        nodes.append(helper.make_node("Add", ["r", "x"], ["y"], name="add"))
+    else:
+        for branch, scale in (("a", "s_a"), ("b", "s_b")):
+            zero = f"z_{branch}"
+            nodes += [
+                helper.make_node("QuantizeLinear", ["r", scale, zero], [f"q{branch}"], name=f"q_{branch}"),
+                helper.make_node(
+                    "DequantizeLinear", [f"q{branch}", scale, zero], [f"d{branch}"], name=f"dq_{branch}"
+                ),
+            ]
+        nodes.append(helper.make_node("Add", ["da", "db"], ["y"], name="add"))
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 4, 4])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize(
+    ("tail", "scales", "added"),
+    [("quant", (0.1, 0.1), 1), ("residual", (0.1, 0.1), 0), ("quant", (0.1, 0.2), 0)],
+)
+def test_conv_outputs_are_quantized_only_where_exact(
+    tail: str, scales: tuple[float, float], added: int
+) -> None:
+    model = _qdq_conv_graph(tail, scales)
+    quantized = quantize_conv_outputs(model)
+    assert count_qdq(quantized)["QuantizeLinear"] - count_qdq(model)["QuantizeLinear"] == added
+
+
+def test_uint8_rewrite_refuses_a_quantized_tensor_it_cannot_follow() -> None:
+    model = _qdq_conv_graph("quant")
+    # Feed the activation quantizer's int8 output straight into a Cast: no DQ to rewrite with it.
+    model.graph.node.append(helper.make_node("Cast", ["qa"], ["odd"], name="cast", to=TensorProto.INT32))
+    with pytest.raises(NasquantError, match="feeds Cast, not DequantizeLinear"):
+        to_uint8_activations(model)
