@@ -1,0 +1,133 @@
+"""`nasquant quantize` end to end on the shapes recipe, shrunk with --set so it runs in CI time."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from nasquant.cli import main
+from tests.shared import shared_path
+
+RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "shapes_s_int8.yaml"
+QUICK = [
+    "calibration.num_images=32",
+    "validation.max_images=40",
+    "benchmark.size=null",
+    "benchmark.warmup=1",
+    "benchmark.iterations=3",
+    "quantization.quantize_all_baseline=false",
+]
+
+
+def _quantize(output: Path, *overrides: str, resume: bool = False) -> int:
+    shared_path("fixtures", "yolo_nas_s_shapes.pt")  # skip with the reason when ../shared is absent
+    args = ["quantize", str(RECIPE), "--output", str(output), *(["--resume"] if resume else [])]
+    for override in [*QUICK, *overrides]:
+        args += ["--set", override]
+    return main(args)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    output = tmp_path_factory.mktemp("run") / "shapes"
+    assert _quantize(output) == 0
+    return output
+
+
+def test_run_folder_holds_every_artifact_and_the_report(run_dir: Path) -> None:
+    for name in (
+        "recipe.resolved.yaml", "report.md", "report.json", "accuracy_latency.png", "calibration.safetensors",
+        "model.fp32.onnx", "model.int8.trt.onnx", "model.int8.cpu.onnx",
+    ):  # fmt: skip
+        assert (run_dir / name).stat().st_size > 0, name
+    assert not list(run_dir.glob("*.part")), "no temporary file is left behind"
+    resolved = yaml.safe_load((run_dir / "recipe.resolved.yaml").read_text())
+    assert resolved["calibration"]["num_images"] == 32
+
+
+def test_report_rows_follow_the_contract(run_dir: Path) -> None:
+    report = json.loads((run_dir / "report.json").read_text())
+    assert set(report) == {"recipe", "host", "rows"}
+    rows = {row["name"]: row for row in report["rows"]}
+    assert list(rows) == [
+        "torch FP32", "ORT FP32", "ORT INT8 selective", "ORT INT8 selective (trt flavor)", "TRT FP16", "TRT INT8",
+    ]  # fmt: skip
+    assert rows["TRT INT8"]["status"].startswith("skipped: ") and rows["TRT INT8"]["map50_95"] is None
+    fp32, int8 = rows["torch FP32"], rows["ORT INT8 selective"]
+    assert rows["ORT FP32"]["map50_95"] == pytest.approx(fp32["map50_95"], abs=1e-3)
+    assert int8["status"] == "ok" and int8["flavor"] == "cpu" and int8["precision"] == "int8"
+    assert (
+        abs(int8["delta_map50_95"]) < 0.02
+    )  # 40 images: a loose bound; the full-set check is in tests/quant
+    assert int8["skipped_layers"][0] == "backbone.stem.conv.rbr_reparam" and len(int8["skipped_layers"]) == 7
+    assert int8["p50_ms"] > 0 and int8["speedup"] == pytest.approx(
+        rows["ORT FP32"]["p50_ms"] / int8["p50_ms"]
+    )
+
+
+def test_resume_reuses_finished_stages_and_redoes_changed_ones(run_dir: Path, tmp_path: Path, capsys) -> None:
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run_dir, resumed)
+    capsys.readouterr()
+    assert _quantize(resumed, resume=True) == 0
+    log = capsys.readouterr().out
+    assert "[calibrate] 32 images, max" in log and log.count("(reused)") >= 5
+    before = json.loads((run_dir / "report.json").read_text())["rows"]
+    after = json.loads((resumed / "report.json").read_text())["rows"]
+    assert [r["map50_95"] for r in after] == [r["map50_95"] for r in before]
+
+    assert _quantize(resumed, "calibration.seed=1", resume=True) == 0
+    calibrate_line = next(
+        line for line in capsys.readouterr().out.splitlines() if line.startswith("[calibrate]")
+    )
+    assert "(reused)" not in calibrate_line
+
+
+def test_report_command_and_accuracy_gate(run_dir: Path, tmp_path: Path, capsys) -> None:
+    assert main(["report", str(run_dir), "--fail-on-drop", "100"]) == 0
+    assert "ORT INT8 selective" in capsys.readouterr().out
+    assert main(["report", str(run_dir), str(run_dir)]) == 0
+
+    worse = tmp_path / "worse"
+    worse.mkdir()
+    report = json.loads((run_dir / "report.json").read_text())
+    fp32 = next(row for row in report["rows"] if row["name"] == "torch FP32")
+    for row in report["rows"]:
+        if row["precision"] == "int8":
+            row["map50_95"] = fp32["map50_95"] - 0.01
+            row["delta_map50_95"] = -0.01
+    (worse / "report.json").write_text(json.dumps(report))
+    assert main(["report", str(worse), "--fail-on-drop", "0.5"]) == 1
+    assert "accuracy gate" in capsys.readouterr().err
+    assert main(["report", str(worse), "--fail-on-drop", "1.5"]) == 0
+
+
+def test_calibrating_on_validation_images_is_refused(tmp_path: Path, capsys) -> None:
+    val_images = shared_path("data", "shapes", "val", "images")
+    code = _quantize(tmp_path / "overlap", f"calibration.data={val_images}")
+    err = capsys.readouterr().err
+    assert code == 2 and "calibration images are also validation images" in err and "allow_overlap" in err
+
+
+def test_a_misspelled_recipe_key_names_the_key_and_the_file(tmp_path: Path, capsys) -> None:
+    recipe = yaml.safe_load(RECIPE.read_text())
+    recipe["calibraton"] = recipe.pop("calibration")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(recipe))
+    assert main(["quantize", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.yaml" in err and "'calibraton'" in err and "did you mean 'calibration'" in err
+
+
+def test_coco_recipe_offline_fails_in_one_line_naming_the_urls(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("NASQUANT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("NASQUANT_MIRROR", "http://127.0.0.1:9")  # a closed port: no internet in tests
+    monkeypatch.setenv("COCO_ROOT", str(tmp_path / "coco"))
+    recipe = Path(__file__).resolve().parent.parent / "recipes" / "s_int8.yaml"
+    assert main(["quantize", str(recipe), "--output", str(tmp_path / "run")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "http://127.0.0.1:9" in lines[0] and "yolo_nas_s" in lines[0]
