@@ -1,0 +1,87 @@
+"""Which layers to keep in floating point: mAP of candidate skip lists on the shapes fixture.
+
+    .venv/bin/python benchmarks/skip_lists.py [--calib-images 256] [--method max]
+
+Calibrates once (ModelOpt, the recipe's settings), then validates the fake-quantized torch model on
+shapes val for each candidate list, and writes ``benchmarks/skip_lists.md`` and ``.json``. The
+numbers justify (or not) the skip lists shipped in ``recipes/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from nasquant import NAS
+from nasquant.bench import host_info, set_threads
+from nasquant.data.calibration import select_calibration_images
+from nasquant.data.datasets import iter_batches, load_dataset
+from nasquant.eval.validate import validate
+from nasquant.io import write_json
+from nasquant.quant import calibrate, keep_in_float
+from nasquant.runtime import TorchBackend
+
+HERE = Path(__file__).resolve().parent
+SHARED = HERE.parent.parent / "shared"
+
+CANDIDATES = {
+    "none (quantize everything)": [],
+    "stem": ["backbone.stem.*"],
+    "prediction convs": ["heads.head*.cls_pred", "heads.head*.reg_pred"],
+    "stem + prediction convs (shipped)": ["backbone.stem.*", "heads.head*.cls_pred", "heads.head*.reg_pred"],
+    "class towers + cls_pred": ["heads.head*.cls_convs.*", "heads.head*.cls_pred"],
+    "box towers + reg_pred": ["heads.head*.reg_convs.*", "heads.head*.reg_pred"],
+    "all heads": ["heads.*"],
+    "SPP (context module)": ["backbone.context_module.*"],
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--calib-images", type=int, default=256)
+    parser.add_argument("--method", default="max")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    set_threads(args.threads)
+
+    nas = NAS(SHARED / "fixtures" / "yolo_nas_s_shapes.pt").fuse()
+    spec = nas.preprocessing()
+    val = load_dataset(SHARED / "data" / "shapes" / "val" / "annotations.json")
+    calib = select_calibration_images(load_dataset(SHARED / "data" / "shapes" / "calib"), num_images=args.calib_images)
+    batches = [b.images for b in iter_batches(calib, spec, 8)]
+    quantized = calibrate(nas.model, batches, method=args.method)
+    fp32 = validate(TorchBackend(nas.model), val, spec)["map50_95"]
+
+    rows = []
+    for label, patterns in CANDIDATES.items():
+        started = time.perf_counter()
+        model, kept = keep_in_float(quantized, patterns)
+        metrics = validate(TorchBackend(model), val, spec)
+        rows.append({"candidate": label, "patterns": patterns, "fp_layers": len(kept),
+                     "map50_95": metrics["map50_95"], "map50": metrics["map50"],
+                     "delta_points": 100 * (metrics["map50_95"] - fp32)})
+        print(f"{label}: {metrics['map50_95']:.4f} ({len(kept)} FP layers, {time.perf_counter() - started:.0f} s)")
+
+    record = {"fp32_map50_95": fp32, "method": args.method, "calib_images": args.calib_images,
+              "backend": "torch fake-quant (ModelOpt)", "host": host_info(), "rows": rows}
+    write_json(HERE / "skip_lists.json", record)
+    lines = [
+        "# Skip-list candidates on the shapes fixture (YOLO-NAS-S, 320 px, shapes val, 300 images)",
+        "",
+        f"FP32 mAP50-95 {100 * fp32:.2f}. INT8: ModelOpt {args.method} calibration on {args.calib_images} "
+        "shapes calib images, per-channel weights, evaluated as ModelOpt fake-quant in torch.",
+        "Regenerate: `.venv/bin/python benchmarks/skip_lists.py`.",
+        "",
+        "| kept in floating point | FP layers | mAP50-95 | mAP50 | Δ vs FP32 (points) |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [f"| {r['candidate']} | {r['fp_layers']} | {100 * r['map50_95']:.2f} | {100 * r['map50']:.2f} | "
+              f"{r['delta_points']:+.2f} |" for r in rows]
+    (HERE / "skip_lists.md").write_text("\n".join(lines) + "\n")
+    print(json.dumps({r["candidate"]: round(r["delta_points"], 2) for r in rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
