@@ -1,10 +1,12 @@
-"""``NAS``: one object for a YOLO-NAS checkpoint — ``.info() .val() .predict()`` (``.export()`` comes later)."""
+"""``NAS``: one object for a YOLO-NAS checkpoint — ``.info() .val() .predict() .export()``."""
 
 from __future__ import annotations
 
 import copy
+import json
 import os
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -164,6 +166,45 @@ class NAS:
         )
 
     __call__ = predict
+
+    def onnx_metadata(self, protocol: str = "sg", imgsz: int | None = None) -> dict[str, str]:
+        """What a consumer of an exported graph needs besides the graph: names, preprocessing, stride."""
+        from nasquant.export import onnx as keys
+
+        spec = self.preprocessing(protocol, imgsz)
+        return {
+            keys.KEY_NAMES: json.dumps(self.names),
+            keys.KEY_VARIANT: self.variant,
+            keys.KEY_PROTOCOL: protocol,
+            keys.KEY_PREPROCESS: json.dumps(asdict(spec)),
+            keys.KEY_STRIDE: str(MAX_STRIDE),
+        }
+
+    def export(
+        self,
+        path: str | os.PathLike | None = None,
+        *,
+        imgsz: int | None = None,
+        protocol: str = "sg",
+        dynamic_batch: bool = False,
+        opset: int = 17,
+        simplify: bool = True,
+    ) -> Path:
+        """Export the fused FP32 network to ONNX (INT8 graphs come from ``nasquant quantize``)."""
+        from nasquant.export import export_onnx
+
+        size = self.preprocessing(protocol, imgsz).imgsz
+        target = Path(path) if path else Path(self.checkpoint.path).with_suffix(".onnx")
+        deployed = self.model if self.model.is_fused else copy.deepcopy(self.model).fuse()
+        return export_onnx(
+            deployed,
+            target,
+            imgsz=size,
+            dynamic_batch=dynamic_batch,
+            opset=opset,
+            simplify=simplify,
+            metadata=self.onnx_metadata(protocol, size),
+        )
 
     def __repr__(self) -> str:
         return f"NAS({self.variant}, {self.model.num_classes} classes, {Path(self.checkpoint.path).name})"

@@ -13,7 +13,7 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -230,13 +230,9 @@ class QuantizePipeline:
     def _metadata(
         self, nas: NAS, spec: Preprocess, flavor: str | None, fp_layers: list[str]
     ) -> dict[str, str]:
-        """What a consumer of the ONNX file needs besides the graph (export adds version, precision, size)."""
+        """The model's own metadata plus where this graph came from (export adds version, precision, size)."""
         return {
-            onnx_keys.KEY_NAMES: json.dumps(nas.names),
-            onnx_keys.KEY_VARIANT: nas.variant,
-            onnx_keys.KEY_PROTOCOL: self.recipe.validation.protocol,
-            onnx_keys.KEY_PREPROCESS: json.dumps(asdict(spec)),
-            onnx_keys.KEY_STRIDE: "32",
+            **nas.onnx_metadata(self.recipe.validation.protocol, spec.imgsz),
             onnx_keys.KEY_RECIPE_HASH: self.recipe.section_hash(
                 "model", "input", "calibration", "quantization", "export"
             ),

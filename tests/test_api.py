@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -58,3 +59,18 @@ def test_input_size_must_be_a_multiple_of_the_largest_stride(nas: NAS) -> None:
     with pytest.raises(NasquantError, match="multiple of 32, got 330"):
         nas.preprocessing("sg", 330)
     assert nas.preprocessing("letterbox", 640).resize == 640
+
+
+def test_export_writes_fp32_onnx_with_the_models_metadata(nas: NAS, tmp_path: Path) -> None:
+    from nasquant.export import read_metadata
+    from nasquant.runtime import OnnxRuntimeBackend
+
+    path = nas.export(tmp_path / "fixture.onnx", simplify=False)
+    metadata = read_metadata(path)
+    assert json.loads(metadata["nasquant.names"]) == nas.names
+    assert metadata["nasquant.input_size"] == "320" and metadata["nasquant.precision"] == "fp32"
+    backend = OnnxRuntimeBackend(path, threads=2)
+    images = np.random.default_rng(0).random((1, 3, 320, 320), dtype=np.float32)
+    boxes, _ = backend.run(images)
+    np.testing.assert_allclose(boxes, nas.backend("cpu").run(images)[0], atol=1e-3)
+    assert not nas.model.is_fused, "export fuses a copy; the facade's module is left as loaded"
