@@ -210,5 +210,42 @@ class NAS:
         return f"NAS({self.variant}, {self.model.num_classes} classes, {Path(self.checkpoint.path).name})"
 
 
+def val_onnx(
+    path: str | os.PathLike,
+    data: str | os.PathLike,
+    *,
+    protocol: str | None = None,
+    imgsz: int | None = None,
+    batch: int = 8,
+    nms: NMSSettings | None = None,
+    device: str | None = None,
+    threads: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """COCO metrics of an exported graph, preprocessed as its metadata records (unless overridden)."""
+    from nasquant.export import onnx as keys
+    from nasquant.runtime import OnnxRuntimeBackend
+
+    backend = OnnxRuntimeBackend(path, device=device, threads=threads)
+    recorded = backend.metadata.get(keys.KEY_PREPROCESS)
+    size = imgsz or backend.input_size
+    if recorded and protocol in (None, backend.metadata.get(keys.KEY_PROTOCOL)) and imgsz in (None, size):
+        spec = Preprocess(**json.loads(recorded))
+    else:
+        spec = Preprocess.from_protocol(protocol or "sg", size or DEFAULT_IMGSZ)
+    if backend.input_size not in (None, spec.imgsz):
+        raise NasquantError(f"{path} takes {backend.input_size}px inputs, not {spec.imgsz}")
+    # A fixed-batch graph runs exactly its batch (the backend pads a short last batch).
+    batch = backend.batch_size or batch
+    metrics = validate(backend, load_dataset(data), spec, nms=nms, batch_size=batch, progress=progress)
+    metrics.update(
+        model=str(path),
+        variant=backend.metadata.get(keys.KEY_VARIANT, "onnx"),
+        imgsz=spec.imgsz,
+        protocol=protocol or backend.metadata.get(keys.KEY_PROTOCOL, "sg"),
+    )
+    return metrics
+
+
 def _expand(item: str | os.PathLike | np.ndarray) -> list:
     return [item] if isinstance(item, np.ndarray) else image_files(item)

@@ -33,8 +33,9 @@ def _add_preprocess_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--protocol",
         choices=["sg", "letterbox"],
-        default="sg",
-        help="preprocessing: sg = Deci's COCO protocol (default), letterbox = Ultralytics-style",
+        default=None,
+        help="preprocessing: sg = Deci's COCO protocol (default; an ONNX file's recorded one), "
+        "letterbox = Ultralytics-style",
     )
 
 
@@ -151,20 +152,23 @@ def _cmd_info(args: argparse.Namespace) -> None:
 
 
 def _cmd_val(args: argparse.Namespace) -> None:
-    nas = _load(args)
-    metrics = nas.val(
-        args.data,
-        imgsz=args.imgsz,
-        protocol=args.protocol,
-        batch=args.batch,
-        conf=args.conf,
-        iou=args.iou,
-        top_k=args.top_k,
-        max_det=args.max_det,
-        device=args.device,
-    )
+    from nasquant.eval.postprocess import NMSSettings
+
+    nms = NMSSettings(conf=args.conf, iou=args.iou, top_k=args.top_k, max_det=args.max_det)
+    if args.model.lower().endswith(".onnx"):
+        from nasquant.api import val_onnx
+
+        metrics = val_onnx(
+            args.model, args.data, protocol=args.protocol, imgsz=args.imgsz, batch=args.batch, nms=nms,
+            device=args.device,
+        )  # fmt: skip
+    else:
+        metrics = _load(args).val(
+            args.data, imgsz=args.imgsz, protocol=args.protocol or "sg", batch=args.batch, conf=nms.conf,
+            iou=nms.iou, top_k=nms.top_k, max_det=nms.max_det, device=args.device,
+        )  # fmt: skip
     print(
-        f"{nas.variant} on {metrics['dataset']} ({metrics['num_images']} images, imgsz {metrics['imgsz']}, "
+        f"{metrics['variant']} on {metrics['dataset']} ({metrics['num_images']} images, imgsz {metrics['imgsz']}, "
         f"protocol {metrics['protocol']}, {metrics['backend']} {metrics['precision']} {metrics['device']})"
     )
     summary = ["map50_95", "map50", "map75", "map_small", "map_medium", "map_large"]
@@ -188,7 +192,7 @@ def _cmd_predict(args: argparse.Namespace) -> None:
         conf=args.conf,
         iou=args.iou,
         imgsz=args.imgsz,
-        protocol=args.protocol,
+        protocol=args.protocol or "sg",
         max_det=args.max_det,
         save_dir=args.out,
         progress=True,

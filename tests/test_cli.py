@@ -110,3 +110,17 @@ def test_console_entry_point_exit_code_in_a_real_process(tmp_path: Path) -> None
     )
     assert result.returncode == 2
     assert result.stderr.startswith("nasquant: error:") and "Traceback" not in result.stderr
+
+
+def test_val_accepts_an_exported_onnx_and_uses_its_recorded_preprocessing(
+    shapes_pt: Path, tmp_path: Path
+) -> None:
+    from nasquant import NAS
+
+    onnx_path = NAS(shapes_pt).export(tmp_path / "fixture.onnx", simplify=False)
+    out = tmp_path / "metrics.json"
+    data = shared_path("data", "shapes", "val", "annotations.json")
+    assert main(["val", "--model", str(onnx_path), "--data", str(data), "--json", str(out)]) == 0
+    metrics = json.loads(out.read_text())
+    assert metrics["backend"] == "onnxruntime" and metrics["imgsz"] == 320 and metrics["protocol"] == "sg"
+    assert abs(metrics["map50_95"] - _recorded_fp32_map()) <= 0.005
