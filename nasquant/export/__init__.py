@@ -20,7 +20,10 @@ from nasquant.export.onnx import (
 )
 from nasquant.export.qdq import (
     count_qdq,
-    quantize_conv_outputs,
+    drop_requantization,
+    fold_relu_into_quantize,
+    fold_scalar_multipliers,
+    quantize_outputs,
     to_cpu_flavor,
     to_uint8_activations,
     write_cpu_flavor,
@@ -41,7 +44,10 @@ __all__ = [
     "count_qdq",
     "export_onnx",
     "load_onnx",
-    "quantize_conv_outputs",
+    "drop_requantization",
+    "fold_relu_into_quantize",
+    "fold_scalar_multipliers",
+    "quantize_outputs",
     "read_metadata",
     "save_onnx",
     "set_metadata",

@@ -115,34 +115,44 @@ def to_uint8_activations(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def quantize_conv_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` with a Q/DQ pair after every quantized conv where that changes no value.
+def quantize_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` with a Q/DQ pair after every quantized conv or add where that changes no value.
 
-    A conv qualifies when its data and weight inputs come from DequantizeLinear and every consumer
-    path of its output ends, through grid-preserving ops only, in QuantizeLinear nodes that share
-    one per-tensor scale and zero point; the new pair copies those.
+    A conv qualifies when its data and weight inputs come from DequantizeLinear, an Add when all its
+    inputs do; the pair goes after the node, or after its Relu when that is the node's only user
+    (Relu commutes with a monotone quantizer), and only where every consumer path of that tensor ends,
+    through grid-preserving ops only, in QuantizeLinear nodes that share one per-tensor scale and
+    zero point: the new pair copies those.
     """
     model = copy.deepcopy(model)
-    graph = model.graph
+    _quantize_outputs(model.graph)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _quantize_outputs(graph: onnx.GraphProto) -> None:
     values = _constant_values(graph)
     producers = {out: node for node in graph.node for out in node.output}
     consumers = _consumers(graph)
+    outputs = {out.name for out in graph.output}
     taken = set(values) | set(producers)
-    grids = _GridWalker(values, consumers, {out.name for out in graph.output})
+    grids = _GridWalker(values, consumers, outputs)
 
     added: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
-        if node.op_type != "Conv" or not _dequantized_inputs(node, producers):
+        if not _integer_candidate(node, producers):
             continue
-        users = consumers[node.output[0]]
-        if users and all(user.op_type == "QuantizeLinear" for user in users):
-            continue  # already DQ -> Conv -> Q
-        found = grids.target(node.output[0])
+        anchor = node.output[0]
+        users = consumers[anchor]
+        if len(users) == 1 and users[0].op_type == "Relu" and anchor not in outputs:
+            anchor = users[0].output[0]
+            users = consumers[anchor]
+        if len(users) == 1 and users[0].op_type == "QuantizeLinear":
+            continue  # already quantized by its one consumer
+        found = grids.target(anchor)
         if found is None:
             continue
-        scale, zero = (
-            _unique_name(taken, f"{node.output[0]}_output_{part}") for part in ("scale", "zero_point")
-        )
+        scale, zero = (_unique_name(taken, f"{anchor}_output_{part}") for part in ("scale", "zero_point"))
         graph.initializer.extend(
             [
                 numpy_helper.from_array(values[found[0]], scale),
@@ -150,17 +160,17 @@ def quantize_conv_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
             ]
         )
         quantized, dequantized = (
-            _unique_name(taken, f"{node.output[0]}_{op}") for op in ("quantized", "dequantized")
+            _unique_name(taken, f"{anchor}_{op}") for op in ("quantized", "dequantized")
         )
-        prefix = node.name.rsplit("/", 1)[0] if node.name else node.output[0]
+        prefix = node.name.rsplit("/", 1)[0] if node.name else anchor
         for user in users:
             for index, name in enumerate(user.input):
-                if name == node.output[0]:
+                if name == anchor:
                     user.input[index] = dequantized
-        added[node.output[0]] = [
+        added[anchor] = [
             onnx.helper.make_node(
                 "QuantizeLinear",
-                [node.output[0], scale, zero],
+                [anchor, scale, zero],
                 [quantized],
                 name=f"{prefix}/output_quantizer/QuantizeLinear",
             ),
@@ -172,17 +182,207 @@ def quantize_conv_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
             ),
         ]
     if added:
-        # Keep the node list topologically sorted: each pair goes right after its conv.
+        # Keep the node list topologically sorted: each pair goes right after the tensor's producer.
         ordered = [new for node in graph.node for new in (node, *added.get(node.output[0], ()))]
         del graph.node[:]
         graph.node.extend(ordered)
+
+
+def _integer_candidate(node: onnx.NodeProto, producers: dict[str, onnx.NodeProto]) -> bool:
+    """A node ONNX Runtime runs on integers once its output is quantized too."""
+    if node.op_type in ("Conv", "ConvTranspose"):
+        inputs = node.input[:2]
+    elif node.op_type == "Add":
+        inputs = node.input
+    else:
+        return False
+    sources = [producers.get(name) for name in inputs]
+    return all(source is not None and source.op_type == "DequantizeLinear" for source in sources)
+
+
+def fold_scalar_multipliers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` where ``DequantizeLinear -> Mul(positive scalar constant)`` is one DQ.
+
+    ``(q - z) * s * c`` is ``(q - z) * (s * c)`` up to float rounding of the product, and ONNX
+    Runtime only fuses an Add into integer math when its inputs come straight from DequantizeLinear
+    (YOLO-NAS scales every residual by a learned ``alpha``).
+    """
+    model = copy.deepcopy(model)
+    _fold_scalar_multipliers(model.graph)
     onnx.checker.check_model(model, full_check=True)
     return model
 
 
+def _fold_scalar_multipliers(graph: onnx.GraphProto) -> None:
+    values = _constant_values(graph)
+    producers = {out: node for node in graph.node for out in node.output}
+    consumers = _consumers(graph)
+    outputs = {out.name for out in graph.output}
+    taken = set(values) | set(producers)
+    folded: list[onnx.NodeProto] = []
+    for node in graph.node:
+        if node.op_type != "Mul":
+            continue
+        for data, factor in (node.input, node.input[::-1]):
+            source = producers.get(data)
+            constant = values.get(factor)
+            if (
+                source is None
+                or source.op_type != "DequantizeLinear"
+                or len(consumers[data]) != 1
+                or data in outputs
+                or constant is None
+                or constant.size != 1
+                or not np.isfinite(constant).all()
+                or float(constant.reshape(())) <= 0
+                or values.get(source.input[1]) is None
+                or values[source.input[1]].size != 1
+            ):
+                continue
+            scale = (values[source.input[1]].astype(np.float32) * np.float32(constant.reshape(()))).astype(
+                np.float32
+            )
+            name = _unique_name(taken, f"{data}_scaled_scale")
+            graph.initializer.append(
+                numpy_helper.from_array(scale.reshape(values[source.input[1]].shape), name)
+            )
+            source.input[1] = name
+            source.output[0] = node.output[0]  # the Mul was the DQ's only reader: take its place
+            folded.append(node)
+            break
+    for node in folded:
+        graph.node.remove(node)
+
+
+def _drop_identity_casts(model: onnx.ModelProto) -> None:
+    """Remove float-to-float Casts (ModelOpt's quantizer export emits some) so Q/DQ pairs meet."""
+    graph = model.graph
+    float_tensors = {
+        info.name
+        for info in (*onnx.shape_inference.infer_shapes(model).graph.value_info, *graph.input)
+        if info.type.tensor_type.elem_type == TensorProto.FLOAT
+    }
+    outputs = {out.name for out in graph.output}
+    identities = [
+        node
+        for node in graph.node
+        if node.op_type == "Cast"
+        and node.input[0] in float_tensors
+        and node.output[0] not in outputs
+        and any(a.name == "to" and a.i == TensorProto.FLOAT for a in node.attribute)
+    ]
+    for node in identities:
+        _rewire(graph, node.output[0], node.input[0])
+        graph.node.remove(node)
+
+
+def drop_requantization(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` where ``DequantizeLinear -> QuantizeLinear`` on the same grid is bypassed.
+
+    Quantizing a dequantized value with the scale and zero point it came from returns the quantized
+    value itself, so the QuantizeLinear's readers can read the original quantized tensor.
+    """
+    model = copy.deepcopy(model)
+    _drop_requantization(model.graph)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _drop_requantization(graph: onnx.GraphProto) -> None:
+    values = _constant_values(graph)
+    producers = {out: node for node in graph.node for out in node.output}
+    outputs = {out.name for out in graph.output}
+    kept: dict[tuple, str] = {}  # (input, grid) -> the one quantized tensor for it
+    for node in graph.node:
+        if node.op_type != "QuantizeLinear" or node.output[0] in outputs:
+            continue
+        source = producers.get(node.input[0])
+        if source is not None and source.op_type == "DequantizeLinear" and _same_grid(source, node, values):
+            _rewire(graph, node.output[0], source.input[0])
+            continue
+        # Two quantizers of one tensor on one grid (say, the 1x1 convs of a CSP layer reading the
+        # same input) give the same values: keep one, so the producer has a single quantized user.
+        grid = _grid(node, values)
+        if grid is None:
+            continue
+        key = (node.input[0], *grid)
+        if key in kept:
+            _rewire(graph, node.output[0], kept[key])
+        else:
+            kept[key] = node.output[0]
+    _remove_dead_nodes(graph)
+
+
+def _grid(node: onnx.NodeProto, values: dict[str, np.ndarray]) -> tuple | None:
+    """A per-tensor Q/DQ node's (scale, zero point) as a hashable value, or None if it is not one."""
+    scale = values.get(node.input[1])
+    zero = values.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    if scale is None or zero is None or scale.size != 1 or zero.size != 1:
+        return None
+    return (float(scale.astype(np.float32).reshape(())), zero.dtype.str, int(zero.reshape(())))
+
+
+def _same_grid(dequantize: onnx.NodeProto, quantize: onnx.NodeProto, values: dict[str, np.ndarray]) -> bool:
+    grid = _grid(dequantize, values)
+    return grid is not None and grid == _grid(quantize, values)
+
+
+def fold_relu_into_quantize(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of an unsigned-activation ``model`` where ``Relu -> QuantizeLinear`` is one quantizer.
+
+    On the unsigned grid the quantizer after a Relu takes zero point 0 instead of 128, so its
+    rounding and clamping at 0 is the Relu: identical below ``127.5 * scale``, where the signed grid
+    saturates at 127 while this one goes on to 255 (it clips later, never earlier). ONNX Runtime
+    then runs ``Conv -> Relu -> Q`` as one integer convolution instead of a float Relu between a
+    DequantizeLinear and a QuantizeLinear.
+    """
+    model = copy.deepcopy(model)
+    _fold_relu_into_quantize(model.graph)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _fold_relu_into_quantize(graph: onnx.GraphProto) -> None:
+    values = _constant_values(graph)
+    consumers = _consumers(graph)
+    outputs = {out.name for out in graph.output}
+    taken = set(values) | {out for node in graph.node for out in node.output}
+    folded: list[onnx.NodeProto] = []
+    for node in graph.node:
+        users = consumers[node.output[0]] if node.op_type == "Relu" else []
+        if len(users) != 1 or users[0].op_type != "QuantizeLinear" or node.output[0] in outputs:
+            continue
+        quantizer = users[0]
+        zero = _zero_point(quantizer, values)
+        if zero is None or zero.dtype != np.uint8 or zero.size != 1 or int(zero.reshape(())) != UINT8_SHIFT:
+            continue
+        name = _unique_name(taken, f"{quantizer.output[0]}_zero_point_relu")
+        graph.initializer.append(numpy_helper.from_array(np.zeros_like(zero), name))
+        for quant_node in (quantizer, *consumers[quantizer.output[0]]):
+            quant_node.input[2] = name
+        quantizer.input[0] = node.input[0]
+        folded.append(node)
+    for node in folded:
+        graph.node.remove(node)
+    _remove_dead_nodes(graph)
+
+
 def to_cpu_flavor(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The ONNX Runtime CPU flavour of a ModelOpt INT8 graph: same numbers, integer kernels."""
-    return to_uint8_activations(quantize_conv_outputs(model))
+    """The ONNX Runtime CPU flavour of a ModelOpt INT8 graph: integer kernels, the same grids.
+
+    Every step but the Relu fold is exact up to float rounding of a folded scale; the Relu fold only
+    lets post-Relu values above the calibrated range clip later (see :func:`fold_relu_into_quantize`).
+    """
+    model = copy.deepcopy(model)
+    graph = model.graph
+    _drop_identity_casts(model)
+    _fold_scalar_multipliers(graph)
+    _quantize_outputs(graph)
+    _drop_requantization(graph)
+    model = to_uint8_activations(model)
+    _fold_relu_into_quantize(model.graph)
+    onnx.checker.check_model(model, full_check=True)
+    return model
 
 
 def write_cpu_flavor(trt_path: str | os.PathLike, cpu_path: str | os.PathLike) -> Path:
@@ -305,3 +505,27 @@ def _remove_unused(graph: onnx.GraphProto, names: set[str]) -> None:
     kept_inits = [init for init in graph.initializer if init.name not in dead]
     del graph.initializer[:]
     graph.initializer.extend(kept_inits)
+
+
+def _rewire(graph: onnx.GraphProto, old: str, new: str) -> None:
+    """Make every reader of tensor ``old`` read ``new`` instead."""
+    for node in graph.node:
+        for index, name in enumerate(node.input):
+            if name == old:
+                node.input[index] = new
+
+
+def _remove_dead_nodes(graph: onnx.GraphProto) -> None:
+    """Drop nodes none of whose outputs is read or a graph output, then unread initializers."""
+    outputs = {out.name for out in graph.output}
+    while True:
+        read = {name for node in graph.node for name in node.input} | outputs
+        dead = [node for node in graph.node if not any(out in read for out in node.output)]
+        if not dead:
+            break
+        for node in dead:
+            graph.node.remove(node)
+    read = {name for node in graph.node for name in node.input}
+    kept = [init for init in graph.initializer if init.name in read]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)

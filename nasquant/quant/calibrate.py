@@ -1,7 +1,8 @@
 """INT8 post-training quantization of a fused YOLO-NAS with NVIDIA ModelOpt.
 
-ModelOpt inserts a fake-quant ``TensorQuantizer`` on the input and the weight of every conv; we
-collect statistics on real calibration batches and turn them into ``amax`` ranges. Weights are
+ModelOpt inserts a fake-quant ``TensorQuantizer`` on the input and the weight of every conv, and on both
+operands of every residual Add (:mod:`nasquant.quant.modules`); we collect statistics on real
+calibration batches and turn them into ``amax`` ranges. Weights are
 per-output-channel max (what TensorRT's explicit quantization wants), activations per-tensor with
 the recipe's calibrator: ``max``, or a histogram reduced by ``percentile`` / ``entropy`` / ``mse``.
 """
@@ -36,11 +37,15 @@ def _quiet_modelopt() -> Iterator[None]:
 def _mtq():
     with _quiet_modelopt():
         import modelopt.torch.quantization as mtq
+
+        from nasquant.quant.modules import register_block_quantizers
+
+        register_block_quantizers()
     return mtq
 
 
 def quantization_config(method: str, *, per_channel_weights: bool = True) -> dict:
-    """ModelOpt config: INT8 weights (per output channel) and INT8 per-tensor conv inputs.
+    """ModelOpt config: INT8 weights (per output channel), INT8 per-tensor conv inputs and residuals.
 
     ``algorithm`` is ``None``: ModelOpt only inserts the quantizers, and :func:`calibrate` drives the
     statistics itself, because ModelOpt's ``max`` algorithm cannot finish histogram calibrators.
@@ -66,13 +71,16 @@ def quantization_config(method: str, *, per_channel_weights: bool = True) -> dic
                 "cfg": {"num_bits": 8, "axis": 1 if per_channel_weights else None},
             },
             {"quantizer_name": "*input_quantizer", "cfg": activations},
+            # the residual Add operands of every bottleneck (nasquant.quant.modules.QuantBottleneck)
+            {"quantizer_name": "*residual_quantizer", "cfg": activations},
+            {"quantizer_name": "*branch_quantizer", "cfg": activations},
         ],
         "algorithm": None,
     }
 
 
 def insert_quantizers(model: nn.Module, method: str, *, per_channel_weights: bool = True) -> nn.Module:
-    """A deep copy of ``model`` with (uncalibrated) INT8 quantizers on every conv's input and weight."""
+    """A deep copy of ``model`` with (uncalibrated) INT8 quantizers on every conv and residual Add."""
     quantized = copy.deepcopy(model).eval()
     with _quiet_modelopt():
         _mtq().quantize(quantized, quantization_config(method, per_channel_weights=per_channel_weights))
@@ -89,8 +97,17 @@ def tensor_quantizers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 
 def quantized_layers(model: nn.Module) -> list[str]:
-    """Names of the modules that carry quantizers (every conv, and the SPP max-pools), in model order."""
-    return [name for name, module in model.named_modules() if hasattr(module, "input_quantizer")]
+    """Names of the modules that own quantizers, in model order.
+
+    Every conv, the SPP max-pools, and the bottlenecks (their residual Add operands).
+    """
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    return [
+        name
+        for name, module in model.named_modules()
+        if any(isinstance(child, TensorQuantizer) for child in module.children())
+    ]
 
 
 @torch.no_grad()
@@ -118,7 +135,7 @@ def calibrate(
     if seen == 0:
         raise NasquantError("calibration received no images")
     for name, quantizer in tensor_quantizers(quantized):
-        if method != "max" and name.endswith("input_quantizer"):  # histogram-calibrated activations
+        if method != "max" and not name.endswith("weight_quantizer"):  # histogram-calibrated activations
             quantizer.load_calib_amax(
                 method, **({"percentile": percentile} if method == "percentile" else {})
             )

@@ -14,6 +14,7 @@ from nasquant.data.calibration import check_no_overlap, select_calibration_image
 from nasquant.data.datasets import iter_batches, load_dataset
 from nasquant.errors import NasquantError
 from nasquant.eval.validate import validate
+from nasquant.models.yolo_nas import Bottleneck
 from nasquant.quant import (
     calibrate,
     keep_in_float,
@@ -49,8 +50,8 @@ def calibrated(nas: NAS) -> torch.nn.Module:
 def test_every_conv_gets_an_input_and_a_per_channel_weight_range(
     nas: NAS, calibrated: torch.nn.Module
 ) -> None:
-    # ModelOpt quantizes every conv and (its default) the SPP max-pools' inputs.
-    kinds = torch.nn.Conv2d | torch.nn.ConvTranspose2d | torch.nn.MaxPool2d
+    # ModelOpt quantizes every conv and (its default) the SPP max-pools' inputs; ours, the residual Adds.
+    kinds = torch.nn.Conv2d | torch.nn.ConvTranspose2d | torch.nn.MaxPool2d | Bottleneck
     assert quantized_layers(calibrated) == [n for n, m in nas.model.named_modules() if isinstance(m, kinds)]
     ranges = dict(tensor_quantizers(calibrated))
     stem_weight = ranges["backbone.stem.conv.rbr_reparam.weight_quantizer"].amax
@@ -59,6 +60,23 @@ def test_every_conv_gets_an_input_and_a_per_channel_weight_range(
     assert stem_input.numel() == 1 and 0.9 < float(stem_input) <= 1.0  # images are in [0, 1]
     upsample_weight = ranges["neck.neck1.upsample.weight_quantizer"].amax
     assert upsample_weight.numel() == 192  # transposed conv: per *output* channel (axis 1)
+
+
+def test_residual_adds_get_both_operands_quantized(nas: NAS, calibrated: torch.nn.Module) -> None:
+    bottlenecks = [n for n, m in nas.model.named_modules() if isinstance(m, Bottleneck)]
+    assert len(bottlenecks) == 20  # YOLO-NAS-S
+    ranges = {name: float(q.amax) for name, q in tensor_quantizers(calibrated) if q.amax.numel() == 1}
+    for name in bottlenecks:
+        assert ranges[f"{name}.branch_quantizer"] > 0
+        # The residual is the tensor cv1 reads: same data, same range, so one int8 tensor serves both.
+        cv1 = next(k for k in ranges if k.startswith(f"{name}.cv1.") and k.endswith("input_quantizer"))
+        assert ranges[f"{name}.residual_quantizer"] == ranges[cv1]
+    skipped, layers = keep_in_float(calibrated, [bottlenecks[0]])
+    assert layers == [bottlenecks[0]]
+    disabled = {n for n, _ in tensor_quantizers(calibrated)} - {n for n, _ in tensor_quantizers(skipped)}
+    # Keeping a block in floating point keeps everything inside it: its Add operands and its two convs.
+    inside = {n for n, _ in tensor_quantizers(calibrated) if n.startswith(f"{bottlenecks[0]}.")}
+    assert disabled == inside and len(inside) == 6
 
 
 def test_skip_patterns_disable_exactly_the_matched_quantizers(calibrated: torch.nn.Module) -> None:
