@@ -1,27 +1,30 @@
-"""Which layers to keep in floating point: mAP of candidate skip lists on the shapes fixture.
+"""Which layers to keep in floating point: mAP and CPU cost of candidate skip lists on the shapes fixture.
 
-    .venv/bin/python benchmarks/skip_lists.py [--calib-images 256] [--method max]
+    .venv/bin/python benchmarks/skip_lists.py [--calib-images 256] [--method max] [--bench-imgsz 640]
 
-Calibrates once (ModelOpt, the recipe's settings), then validates the fake-quantized torch model on
-shapes val for each candidate list, and writes ``benchmarks/skip_lists.md`` and ``.json``. The
-numbers justify (or not) the skip lists shipped in ``recipes/``.
+Calibrates once (ModelOpt, the recipe's settings), then for each candidate list validates the
+fake-quantized torch model on shapes val and times its ONNX Runtime CPU-flavour INT8 graph (batch 1,
+``--threads``), and writes ``benchmarks/skip_lists.md`` and ``.json``. The numbers justify (or not)
+the skip lists shipped in ``recipes/``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from pathlib import Path
 
 from nasquant import NAS
-from nasquant.bench import host_info, set_threads
+from nasquant.bench import benchmark_model, host_info, set_threads
 from nasquant.data.calibration import select_calibration_images
 from nasquant.data.datasets import iter_batches, load_dataset
 from nasquant.eval.validate import validate
+from nasquant.export import export_onnx, write_cpu_flavor
 from nasquant.io import write_json
 from nasquant.quant import calibrate, keep_in_float
-from nasquant.runtime import TorchBackend
+from nasquant.runtime import OnnxRuntimeBackend, TorchBackend
 
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parent.parent / "shared"
@@ -43,6 +46,7 @@ def main() -> None:
     parser.add_argument("--calib-images", type=int, default=256)
     parser.add_argument("--method", default="max")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--bench-imgsz", type=int, default=640)
     args = parser.parse_args()
     set_threads(args.threads)
 
@@ -53,18 +57,30 @@ def main() -> None:
     batches = [b.images for b in iter_batches(calib, spec, 8)]
     quantized = calibrate(nas.model, batches, method=args.method)
     fp32 = validate(TorchBackend(nas.model), val, spec)["map50_95"]
+    scratch = Path(tempfile.mkdtemp(prefix="skip_lists_"))
 
+    def cpu_p50_ms(model: object, name: str) -> float:
+        graph = export_onnx(model, scratch / f"{name}.onnx", imgsz=args.bench_imgsz)
+        if name != "fp32":
+            graph = write_cpu_flavor(graph, scratch / f"{name}.cpu.onnx")
+        backend = OnnxRuntimeBackend(graph, threads=args.threads)
+        return benchmark_model(backend, imgsz=args.bench_imgsz, warmup=5, iterations=30, progress=False).p50_ms
+
+    fp32_ms = cpu_p50_ms(nas.model, "fp32")
     rows = []
-    for label, patterns in CANDIDATES.items():
+    for index, (label, patterns) in enumerate(CANDIDATES.items()):
         started = time.perf_counter()
         model, kept = keep_in_float(quantized, patterns)
         metrics = validate(TorchBackend(model), val, spec)
+        p50_ms = cpu_p50_ms(model, f"candidate{index}")
         rows.append({"candidate": label, "patterns": patterns, "fp_layers": len(kept),
                      "map50_95": metrics["map50_95"], "map50": metrics["map50"],
-                     "delta_points": 100 * (metrics["map50_95"] - fp32)})
+                     "delta_points": 100 * (metrics["map50_95"] - fp32),
+                     "ort_cpu_p50_ms": p50_ms, "ort_cpu_ratio": p50_ms / fp32_ms})
         print(f"{label}: {metrics['map50_95']:.4f} ({len(kept)} FP layers, {time.perf_counter() - started:.0f} s)")
 
-    record = {"fp32_map50_95": fp32, "method": args.method, "calib_images": args.calib_images,
+    record = {"fp32_map50_95": fp32, "fp32_ort_p50_ms": fp32_ms, "bench_imgsz": args.bench_imgsz,
+              "method": args.method, "calib_images": args.calib_images,
               "backend": "torch fake-quant (ModelOpt)", "host": host_info(), "rows": rows}
     write_json(HERE / "skip_lists.json", record)
     lines = [
@@ -72,13 +88,15 @@ def main() -> None:
         "",
         f"FP32 mAP50-95 {100 * fp32:.2f}. INT8: ModelOpt {args.method} calibration on {args.calib_images} "
         "shapes calib images, per-channel weights, evaluated as ModelOpt fake-quant in torch.",
+        f"Latency: the candidate's ONNX Runtime CPU-flavour INT8 graph at {args.bench_imgsz} px, batch 1, "
+        f"{args.threads} threads, p50 of 30 calls; ORT FP32 p50 {fp32_ms:.1f} ms.",
         "Regenerate: `.venv/bin/python benchmarks/skip_lists.py`.",
         "",
-        "| kept in floating point | FP layers | mAP50-95 | mAP50 | Δ vs FP32 (points) |",
-        "|---|---|---|---|---|",
+        "| kept in floating point | FP layers | mAP50-95 | mAP50 | Δ vs FP32 (points) | ORT CPU p50 ms | × FP32 |",
+        "|---|---|---|---|---|---|---|",
     ]
     lines += [f"| {r['candidate']} | {r['fp_layers']} | {100 * r['map50_95']:.2f} | {100 * r['map50']:.2f} | "
-              f"{r['delta_points']:+.2f} |" for r in rows]
+              f"{r['delta_points']:+.2f} | {r['ort_cpu_p50_ms']:.1f} | {r['ort_cpu_ratio']:.2f} |" for r in rows]
     (HERE / "skip_lists.md").write_text("\n".join(lines) + "\n")
     print(json.dumps({r["candidate"]: round(r["delta_points"], 2) for r in rows}, indent=1))
 
