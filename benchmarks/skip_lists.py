@@ -32,10 +32,10 @@ SHARED = HERE.parent.parent / "shared"
 CANDIDATES = {
     "none (quantize everything)": [],
     "stem": ["backbone.stem.*"],
-    "prediction convs (shipped)": ["heads.head*.cls_pred", "heads.head*.reg_pred"],
+    "prediction convs (previous recipes)": ["heads.head*.cls_pred", "heads.head*.reg_pred"],
     "stem + prediction convs (first recipes)": ["backbone.stem.*", "heads.head*.cls_pred", "heads.head*.reg_pred"],
     "class towers + cls_pred": ["heads.head*.cls_convs.*", "heads.head*.cls_pred"],
-    "box towers + reg_pred": ["heads.head*.reg_convs.*", "heads.head*.reg_pred"],
+    "box towers + reg_pred (shipped)": ["heads.head*.reg_convs.*", "heads.head*.reg_pred"],
     "all heads": ["heads.*"],
     "SPP (context module)": ["backbone.context_module.*"],
 }

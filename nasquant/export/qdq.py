@@ -1,21 +1,29 @@
 """Two INT8 ONNX flavours from one ModelOpt calibration.
 
 ModelOpt exports symmetric *signed* int8 Q/DQ: per output channel on weights (the float weight is an
-initializer feeding QuantizeLinear -> DequantizeLinear) and per tensor on every conv input, zero
-point 0. That is what TensorRT wants (``*.int8.trt.onnx``) and it is kept as is.
+initializer feeding QuantizeLinear -> DequantizeLinear) and per tensor on every conv input and both
+residual-Add operands, zero point 0. That is what TensorRT wants (``*.int8.trt.onnx``) and it is kept
+as is.
 
-ONNX Runtime's CPU provider needs two things to run such a graph on integer kernels, and the CPU
-flavour (``*.int8.cpu.onnx``) gives it both without changing a single number:
+ONNX Runtime's CPU provider fuses ``DQ -> op -> Q`` into integer kernels (QLinearConv, QLinearAdd,
+QLinearConcat) only when each op's inputs come straight from DequantizeLinear and its output goes
+straight into one QuantizeLinear, and its x86 kernels want unsigned activations. The CPU flavour
+(``*.int8.cpu.onnx``) rewrites the graph into that shape without adding a quantizer of its own:
 
-* unsigned activations (its x86 kernels are U8S8): every activation Q/DQ pair becomes uint8 with zero
-  point ``z + 128`` and the same scale. The grids are the same (s8 value ``v`` is u8 value
-  ``v + 128``; rounding half to even commutes with adding an even integer).
-* a QuantizeLinear right after the conv (it fuses ``DQ -> Conv -> Q`` into QLinearConv; ModelOpt
-  quantizes only conv *inputs*, so ORT would run every conv in float on dequantized values). A
-  Q/DQ pair is added after a conv only where that is exact: when every path from the conv output
-  reaches quantizers of one and the same scale through Relu / MaxPool / Concat / reshapes, which
-  commute with a monotone quantizer (clamp and round then Relu equals Relu then clamp and round).
-  Convs feeding a residual Add or the float head outputs stay as they are.
+* float-to-float Casts that ModelOpt's export puts between quantizers are removed;
+* ``DQ -> Mul(positive scalar)`` (the bottleneck's ``alpha``) becomes one DQ with a scaled scale;
+* a Q/DQ pair goes after a quantized conv (after its Relu) or Add where every consumer path ends in
+  quantizers of one grid through Relu / MaxPool / Concat / reshapes, which commute with a monotone
+  quantizer: the pair rounds to the grid the consumers round to anyway;
+* ``DQ -> Q`` on the same grid is bypassed, and twin quantizers of one tensor merge;
+* every activation Q/DQ pair becomes uint8 with zero point ``z + 128`` and the same scale (s8 value
+  ``v`` is u8 value ``v + 128``; rounding half to even commutes with adding an even integer);
+* ``Relu -> Q`` becomes one quantizer with zero point 0: the only step that changes a value, and only
+  above ``127.5 * scale`` where the signed grid saturates and this one goes on to 255.
+
+The output-pair, requantization and uint8 steps are bit-exact against the TensorRT flavour (tested);
+the alpha fold differs by float rounding of a scale product, the Relu fold only beyond the calibrated
+range, so the two flavours give the same detections to rounding (tested).
 """
 
 from __future__ import annotations
