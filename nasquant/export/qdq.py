@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import os
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -73,12 +74,14 @@ def to_uint8_activations(model: onnx.ModelProto) -> onnx.ModelProto:
     zero points that are already uint8 are left alone, so applying this twice changes nothing.
     The result passes ``onnx.checker`` with full type inference.
     """
-    model = copy.deepcopy(model)
+    return _rewritten(model, _to_uint8_activations)
+
+
+def _to_uint8_activations(model: onnx.ModelProto) -> None:
     graph = model.graph
     values = _constant_values(graph)
     consumers = _consumers(graph)
     taken = set(values) | {out for node in graph.node for out in node.output}
-    replaced: set[str] = set()
     retyped: set[str] = set()
 
     for node in graph.node:
@@ -105,7 +108,6 @@ def to_uint8_activations(model: onnx.ModelProto) -> onnx.ModelProto:
         name = _unique_name(taken, f"{node.output[0]}_zero_point_uint8")
         graph.initializer.append(numpy_helper.from_array(shifted, name))
         for quant_node in (node, *users):
-            replaced.add(quant_node.input[2])
             quant_node.input[2] = name
         retyped.add(node.output[0])
         for attribute in node.attribute:
@@ -113,14 +115,12 @@ def to_uint8_activations(model: onnx.ModelProto) -> onnx.ModelProto:
             if attribute.name == "output_dtype":
                 attribute.i = TensorProto.UINT8
 
-    _remove_unused(graph, replaced)
+    _remove_dead_nodes(graph)  # the int8 zero points no quantizer reads any more
     # A simplifier (onnxslim) records inferred types in value_info: the rewritten quantized
     # tensors are uint8 now, so their stale int8 entries must go before type checking.
     stale = [info for info in graph.value_info if info.name in retyped]
     for info in stale:
         graph.value_info.remove(info)
-    onnx.checker.check_model(model, full_check=True)
-    return model
 
 
 def quantize_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -132,13 +132,11 @@ def quantize_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
     through grid-preserving ops only, in QuantizeLinear nodes that share one per-tensor scale and
     zero point: the new pair copies those.
     """
-    model = copy.deepcopy(model)
-    _quantize_outputs(model.graph)
-    onnx.checker.check_model(model, full_check=True)
-    return model
+    return _rewritten(model, _quantize_outputs)
 
 
-def _quantize_outputs(graph: onnx.GraphProto) -> None:
+def _quantize_outputs(model: onnx.ModelProto) -> None:
+    graph = model.graph
     values = _constant_values(graph)
     producers = {out: node for node in graph.node for out in node.output}
     consumers = _consumers(graph)
@@ -163,8 +161,8 @@ def _quantize_outputs(graph: onnx.GraphProto) -> None:
         scale, zero = (_unique_name(taken, f"{anchor}_output_{part}") for part in ("scale", "zero_point"))
         graph.initializer.extend(
             [
-                numpy_helper.from_array(values[found[0]], scale),
-                numpy_helper.from_array(values[found[1]], zero),
+                numpy_helper.from_array(values[found.input[1]], scale),
+                numpy_helper.from_array(values[found.input[2]], zero),
             ]
         )
         quantized, dequantized = (
@@ -215,13 +213,11 @@ def fold_scalar_multipliers(model: onnx.ModelProto) -> onnx.ModelProto:
     Runtime only fuses an Add into integer math when its inputs come straight from DequantizeLinear
     (YOLO-NAS scales every residual by a learned ``alpha``).
     """
-    model = copy.deepcopy(model)
-    _fold_scalar_multipliers(model.graph)
-    onnx.checker.check_model(model, full_check=True)
-    return model
+    return _rewritten(model, _fold_scalar_multipliers)
 
 
-def _fold_scalar_multipliers(graph: onnx.GraphProto) -> None:
+def _fold_scalar_multipliers(model: onnx.ModelProto) -> None:
+    graph = model.graph
     values = _constant_values(graph)
     producers = {out: node for node in graph.node for out in node.output}
     consumers = _consumers(graph)
@@ -290,13 +286,11 @@ def drop_requantization(model: onnx.ModelProto) -> onnx.ModelProto:
     Quantizing a dequantized value with the scale and zero point it came from returns the quantized
     value itself, so the QuantizeLinear's readers can read the original quantized tensor.
     """
-    model = copy.deepcopy(model)
-    _drop_requantization(model.graph)
-    onnx.checker.check_model(model, full_check=True)
-    return model
+    return _rewritten(model, _drop_requantization)
 
 
-def _drop_requantization(graph: onnx.GraphProto) -> None:
+def _drop_requantization(model: onnx.ModelProto) -> None:
+    graph = model.graph
     values = _constant_values(graph)
     producers = {out: node for node in graph.node for out in node.output}
     outputs = {out.name for out in graph.output}
@@ -344,13 +338,11 @@ def fold_relu_into_quantize(model: onnx.ModelProto) -> onnx.ModelProto:
     then runs ``Conv -> Relu -> Q`` as one integer convolution instead of a float Relu between a
     DequantizeLinear and a QuantizeLinear.
     """
-    model = copy.deepcopy(model)
-    _fold_relu_into_quantize(model.graph)
-    onnx.checker.check_model(model, full_check=True)
-    return model
+    return _rewritten(model, _fold_relu_into_quantize)
 
 
-def _fold_relu_into_quantize(graph: onnx.GraphProto) -> None:
+def _fold_relu_into_quantize(model: onnx.ModelProto) -> None:
+    graph = model.graph
     values = _constant_values(graph)
     consumers = _consumers(graph)
     outputs = {out.name for out in graph.output}
@@ -381,14 +373,22 @@ def to_cpu_flavor(model: onnx.ModelProto) -> onnx.ModelProto:
     Every step but the Relu fold is exact up to float rounding of a folded scale; the Relu fold only
     lets post-Relu values above the calibrated range clip later (see :func:`fold_relu_into_quantize`).
     """
+    return _rewritten(
+        model,
+        _drop_identity_casts,
+        _fold_scalar_multipliers,
+        _quantize_outputs,
+        _drop_requantization,
+        _to_uint8_activations,
+        _fold_relu_into_quantize,
+    )
+
+
+def _rewritten(model: onnx.ModelProto, *passes: Callable[[onnx.ModelProto], None]) -> onnx.ModelProto:
+    """A copy of ``model`` with the in-place ``passes`` applied in order, checked with full type inference."""
     model = copy.deepcopy(model)
-    graph = model.graph
-    _drop_identity_casts(model)
-    _fold_scalar_multipliers(graph)
-    _quantize_outputs(graph)
-    _drop_requantization(graph)
-    model = to_uint8_activations(model)
-    _fold_relu_into_quantize(model.graph)
+    for rewrite in passes:
+        rewrite(model)
     onnx.checker.check_model(model, full_check=True)
     return model
 
@@ -406,35 +406,35 @@ _GRID_PRESERVING = frozenset(
 
 
 class _GridWalker:
-    """Finds the one quantizer grid (scale, zero point names) that every path from a tensor ends in."""
+    """Finds a QuantizeLinear whose per-tensor grid every path from a tensor ends in (one grid for all)."""
 
     def __init__(
         self, values: dict[str, np.ndarray], consumers: dict[str, list[onnx.NodeProto]], outputs: set[str]
     ) -> None:
         self.values, self.consumers, self.outputs = values, consumers, outputs
-        self._memo: dict[str, tuple[str, str] | None] = {}
+        self._memo: dict[str, onnx.NodeProto | None] = {}
 
-    def target(self, tensor: str) -> tuple[str, str] | None:
+    def target(self, tensor: str) -> onnx.NodeProto | None:
         if tensor not in self._memo:
             self._memo[tensor] = self._walk(tensor)
         return self._memo[tensor]
 
-    def _walk(self, tensor: str) -> tuple[str, str] | None:
+    def _walk(self, tensor: str) -> onnx.NodeProto | None:
         users = self.consumers[tensor]
         if tensor in self.outputs or not users:
             return None
-        grids: dict[tuple, tuple[str, str]] = {}
+        grids: dict[tuple, onnx.NodeProto] = {}
         for user in users:
             if user.op_type == "QuantizeLinear" and user.input[0] == tensor:
-                found: tuple[str, str] | None = (user.input[1], user.input[2] if len(user.input) > 2 else "")
+                found: onnx.NodeProto | None = user
             elif self._passes(user, tensor):
                 found = self.target(user.output[0])
             else:
                 return None
-            if found is None or not self._per_tensor(found):
+            grid = None if found is None else _grid(found, self.values)
+            if grid is None:
                 return None
-            scale, zero = self.values[found[0]], self.values[found[1]]
-            grids[(scale.dtype.str, scale.tobytes(), zero.dtype.str, zero.tobytes())] = found
+            grids[grid] = found
         return next(iter(grids.values())) if len(grids) == 1 else None
 
     def _passes(self, node: onnx.NodeProto, tensor: str) -> bool:
@@ -450,15 +450,6 @@ class _GridWalker:
         # MaxPool's optional Indices output would expose positions, not values.
         extra_outputs_used = any(self.consumers[out] or out in self.outputs for out in node.output[1:])
         return grid_op and not extra_outputs_used
-
-    def _per_tensor(self, grid: tuple[str, str]) -> bool:
-        scale, zero = self.values.get(grid[0]), self.values.get(grid[1])
-        return scale is not None and zero is not None and scale.size == 1 and zero.size == 1
-
-
-def _dequantized_inputs(conv: onnx.NodeProto, producers: dict[str, onnx.NodeProto]) -> bool:
-    sources = [producers.get(name) for name in conv.input[:2]]
-    return all(source is not None and source.op_type == "DequantizeLinear" for source in sources)
 
 
 def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
@@ -501,18 +492,6 @@ def _unique_name(taken: set[str], stem: str) -> str:
         name = f"{stem}_{index}"
     taken.add(name)
     return name
-
-
-def _remove_unused(graph: onnx.GraphProto, names: set[str]) -> None:
-    """Drop the Constant nodes / initializers among ``names`` that nothing reads any more."""
-    used = {name for node in graph.node for name in node.input} | {out.name for out in graph.output}
-    dead = names - used
-    kept_nodes = [n for n in graph.node if not (n.op_type == "Constant" and n.output[0] in dead)]
-    del graph.node[:]
-    graph.node.extend(kept_nodes)
-    kept_inits = [init for init in graph.initializer if init.name not in dead]
-    del graph.initializer[:]
-    graph.initializer.extend(kept_inits)
 
 
 def _rewire(graph: onnx.GraphProto, old: str, new: str) -> None:
