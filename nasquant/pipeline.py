@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from nasquant import __version__
 from nasquant.api import NAS
 from nasquant.bench import benchmark, host_info, set_threads
 from nasquant.data.calibration import check_no_overlap, select_calibration_images
@@ -40,7 +41,10 @@ END_TO_END_IMAGES = 8
 
 
 def _hash(*parts: object) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    # The nasquant version is part of every stage's inputs: a newer version may calibrate, export or
+    # measure differently, so --resume never mixes its stages with an older version's results.
+    payload = json.dumps([__version__, *parts], sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def _file_hash(path: Path) -> str:

@@ -133,3 +133,13 @@ def test_coco_recipe_offline_fails_in_one_line_naming_the_urls(tmp_path: Path, m
     assert main(["quantize", str(recipe), "--output", str(tmp_path / "run")]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "http://127.0.0.1:9" in lines[0] and "yolo_nas_s" in lines[0]
+
+
+def test_stage_keys_change_with_the_nasquant_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    # --resume must not reuse a calibration or export an older nasquant made.
+    from nasquant import pipeline
+
+    key = pipeline._hash("recipe-section", 42)
+    assert pipeline._hash("recipe-section", 42) == key
+    monkeypatch.setattr(pipeline, "__version__", "999.0")
+    assert pipeline._hash("recipe-section", 42) != key

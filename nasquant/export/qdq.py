@@ -14,16 +14,24 @@ straight into one QuantizeLinear, and its x86 kernels want unsigned activations.
 * ``DQ -> Mul(positive scalar)`` (the bottleneck's ``alpha``) becomes one DQ with a scaled scale;
 * a Q/DQ pair goes after a quantized conv (after its Relu) or Add where every consumer path ends in
   quantizers of one grid through Relu / MaxPool / Concat / reshapes, which commute with a monotone
-  quantizer: the pair rounds to the grid the consumers round to anyway;
+  quantizer: the pair rounds to the grid the consumers round to anyway; where the readers end in
+  different grids, the conv is computed once per grid, each copy with its own pair;
+* a quantized upsampling ConvTranspose (kernel = stride, no padding) becomes a 1x1 Conv with
+  ``k*k`` times the output channels, a Q/DQ pair on the output grid, and DepthToSpace: the same int8
+  weights and grid rearranged (ORT has no integer ConvTranspose on CPU, but an integer Conv and a
+  DepthToSpace that moves uint8 values);
 * ``DQ -> Q`` on the same grid is bypassed, and twin quantizers of one tensor merge;
 * every activation Q/DQ pair becomes uint8 with zero point ``z + 128`` and the same scale (s8 value
   ``v`` is u8 value ``v + 128``; rounding half to even commutes with adding an even integer);
+* a strided conv on a few-channel input (the RGB stem) reads it through SpaceToDepth as a stride-1
+  conv with rearranged int8 weights: the same sums on a kernel that is fast for many channels;
 * ``Relu -> Q`` becomes one quantizer with zero point 0: the only step that changes a value, and only
   above ``127.5 * scale`` where the signed grid saturates and this one goes on to 255.
 
-The output-pair, requantization and uint8 steps are bit-exact against the TensorRT flavour (tested);
-the alpha fold differs by float rounding of a scale product, the Relu fold only beyond the calibrated
-range, so the two flavours give the same detections to rounding (tested).
+The output-pair, requantization, uint8 and space-to-depth steps are bit-exact against the TensorRT flavour (tested);
+the alpha fold differs by float rounding of a scale product, the upsampling rewrite by float
+summation order, the Relu fold only beyond the calibrated range, so the two flavours give the same
+detections to rounding (tested).
 """
 
 from __future__ import annotations
@@ -141,57 +149,88 @@ def _quantize_outputs(model: onnx.ModelProto) -> None:
     producers = {out: node for node in graph.node for out in node.output}
     consumers = _consumers(graph)
     outputs = {out.name for out in graph.output}
-    taken = set(values) | set(producers)
+    taken = set(values) | set(producers) | {node.name for node in graph.node}  # tensor and node names
     grids = _GridWalker(values, consumers, outputs)
 
     added: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
         if not _integer_candidate(node, producers):
             continue
-        anchor = node.output[0]
+        computed = [node]
+        users = consumers[node.output[0]]
+        if len(users) == 1 and users[0].op_type == "Relu" and node.output[0] not in outputs:
+            computed.append(users[0])
+        anchor = computed[-1].output[0]
         users = consumers[anchor]
-        if len(users) == 1 and users[0].op_type == "Relu" and anchor not in outputs:
-            anchor = users[0].output[0]
-            users = consumers[anchor]
         if len(users) == 1 and users[0].op_type == "QuantizeLinear":
             continue  # already quantized by its one consumer
-        found = grids.target(anchor)
-        if found is None:
+        groups = grids.groups(anchor)
+        if groups is None:
             continue
-        scale, zero = (_unique_name(taken, f"{anchor}_output_{part}") for part in ("scale", "zero_point"))
-        graph.initializer.extend(
-            [
-                numpy_helper.from_array(values[found.input[1]], scale),
-                numpy_helper.from_array(values[found.input[2]], zero),
-            ]
-        )
-        quantized, dequantized = (
-            _unique_name(taken, f"{anchor}_{op}") for op in ("quantized", "dequantized")
-        )
-        prefix = node.name.rsplit("/", 1)[0] if node.name else anchor
-        for user in users:
-            for index, name in enumerate(user.input):
-                if name == anchor:
-                    user.input[index] = dequantized
-        added[anchor] = [
-            onnx.helper.make_node(
-                "QuantizeLinear",
-                [anchor, scale, zero],
-                [quantized],
-                name=f"{prefix}/output_quantizer/QuantizeLinear",
-            ),
-            onnx.helper.make_node(
-                "DequantizeLinear",
-                [quantized, scale, zero],
-                [dequantized],
-                name=f"{prefix}/output_quantizer/DequantizeLinear",
-            ),
-        ]
+        # One grid: a pair after the tensor. Several (a lateral conv read by two stages with
+        # different input ranges): one integer copy of the computation per grid, each exact.
+        inserted: list[onnx.NodeProto] = []
+        for index, (quantizer, readers) in enumerate(groups):
+            copies = computed if index == 0 else _copies(computed, taken)
+            if index > 0:
+                inserted.extend(copies)
+            inserted.extend(_output_pair(graph, values, taken, copies[-1], quantizer, anchor, readers))
+        added[anchor] = inserted
     if added:
-        # Keep the node list topologically sorted: each pair goes right after the tensor's producer.
+        # Keep the node list topologically sorted: new nodes go right after the tensor's producer.
         ordered = [new for node in graph.node for new in (node, *added.get(node.output[0], ()))]
         del graph.node[:]
         graph.node.extend(ordered)
+
+
+def _copies(computed: list[onnx.NodeProto], taken: set[str]) -> list[onnx.NodeProto]:
+    """A copy of the chain ``computed`` (a node, maybe its Relu) with fresh output and node names."""
+    copies: list[onnx.NodeProto] = []
+    renamed: dict[str, str] = {}
+    for node in computed:
+        copy_ = onnx.NodeProto()
+        copy_.CopyFrom(node)
+        copy_.name = _unique_name(taken, f"{node.name or node.output[0]}_per_grid")
+        for index, name in enumerate(copy_.input):
+            copy_.input[index] = renamed.get(name, name)
+        for index, name in enumerate(copy_.output):
+            renamed[name] = copy_.output[index] = _unique_name(taken, f"{name}_per_grid")
+        copies.append(copy_)
+    return copies
+
+
+def _output_pair(
+    graph: onnx.GraphProto,
+    values: dict[str, np.ndarray],
+    taken: set[str],
+    producer: onnx.NodeProto,
+    quantizer: onnx.NodeProto,
+    anchor: str,
+    readers: list[onnx.NodeProto],
+) -> list[onnx.NodeProto]:
+    """A Q/DQ pair on ``quantizer``'s grid after ``producer``, read by ``readers`` instead of ``anchor``."""
+    source = producer.output[0]
+    scale, zero = (_unique_name(taken, f"{source}_output_{part}") for part in ("scale", "zero_point"))
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(values[quantizer.input[1]], scale),
+            numpy_helper.from_array(values[quantizer.input[2]], zero),
+        ]
+    )
+    quantized, dequantized = (_unique_name(taken, f"{source}_{op}") for op in ("quantized", "dequantized"))
+    for reader in readers:
+        for index, name in enumerate(reader.input):
+            if name == anchor:
+                reader.input[index] = dequantized
+    prefix = producer.name.rsplit("/", 1)[0] if producer.name else source
+    q_name, dq_name = (
+        _unique_name(taken, f"{prefix}/output_quantizer/{op}")
+        for op in ("QuantizeLinear", "DequantizeLinear")
+    )
+    return [
+        onnx.helper.make_node("QuantizeLinear", [source, scale, zero], [quantized], name=q_name),
+        onnx.helper.make_node("DequantizeLinear", [quantized, scale, zero], [dequantized], name=dq_name),
+    ]
 
 
 def _integer_candidate(node: onnx.NodeProto, producers: dict[str, onnx.NodeProto]) -> bool:
@@ -204,6 +243,280 @@ def _integer_candidate(node: onnx.NodeProto, producers: dict[str, onnx.NodeProto
         return False
     sources = [producers.get(name) for name in inputs]
     return all(source is not None and source.op_type == "DequantizeLinear" for source in sources)
+
+
+def pixel_shuffle_upsampling(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` where each quantized upsampling ConvTranspose is a Conv and a DepthToSpace.
+
+    A ConvTranspose whose kernel equals its stride (no padding, dilation or groups) writes each input
+    pixel's ``k x k`` output block independently: ``y[o, k*i + a, k*j + b] = sum_c x[c, i, j] *
+    w[c, o, a, b] + bias[o]``. That is a 1x1 Conv with output channel ``o*k*k + a*k + b`` followed by
+    DepthToSpace(k, "CRD"). The int8 weight values and the per-output-channel scales move with their
+    channel, and the output quantizer (which :func:`quantize_outputs` put there) is copied in front of
+    the DepthToSpace, which only moves values: the result is the ConvTranspose's up to the float
+    summation order, and on ONNX Runtime's CPU provider it runs as QLinearConv on integers.
+    """
+    return _rewritten(model, _pixel_shuffle_upsampling)
+
+
+def _pixel_shuffle_upsampling(model: onnx.ModelProto) -> None:
+    graph = model.graph
+    values = _constant_values(graph)
+    producers = {out: node for node in graph.node for out in node.output}
+    consumers = _consumers(graph)
+    taken = set(values) | set(producers)
+    replaced: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        block = _upsampling_block(node)
+        users = consumers[node.output[0]]
+        if block is None or len(users) != 1 or users[0].op_type != "QuantizeLinear":
+            continue
+        weight_dq = producers.get(node.input[1])
+        weight_q = producers.get(weight_dq.input[0]) if weight_dq is not None else None
+        if (
+            weight_dq is None
+            or weight_dq.op_type != "DequantizeLinear"
+            or weight_q is None
+            or weight_q.op_type != "QuantizeLinear"
+            or weight_q.input[0] not in values
+            or (len(node.input) > 2 and node.input[2] and node.input[2] not in values)
+            or (values[weight_q.input[1]].size > 1 and _axis(weight_q) != 1)  # per output channel only
+        ):
+            continue
+        replaced[node.output[0]] = _PixelShuffle(graph, values, taken, node, block).nodes(weight_q, users[0])
+    if replaced:
+        ordered = [new for node in graph.node for new in replaced.get(node.output[0], [node])]
+        del graph.node[:]
+        graph.node.extend(ordered)
+        _remove_dead_nodes(graph)
+
+
+class _PixelShuffle:
+    """The Conv + DepthToSpace nodes (and their new constants) that replace one upsampling ConvTranspose."""
+
+    def __init__(
+        self,
+        graph: onnx.GraphProto,
+        values: dict[str, np.ndarray],
+        taken: set[str],
+        node: onnx.NodeProto,
+        block: int,
+    ) -> None:
+        self.graph, self.values, self.taken, self.node, self.block = graph, values, taken, node, block
+        self.prefix = f"{node.name or node.output[0]}/pixel_shuffle"
+
+    def nodes(self, weight_q: onnx.NodeProto, output_q: onnx.NodeProto) -> list[onnx.NodeProto]:
+        node, copies = self.node, self.block * self.block
+        weight = self.values[weight_q.input[0]]
+        cin, cout = weight.shape[:2]
+        conv_weight = self._constant("weight", weight.transpose(1, 2, 3, 0).reshape(cout * copies, cin, 1, 1))
+        scale, zero = self._per_output(weight_q.input[1]), self._per_output(weight_q.input[2])
+        axis = {"axis": 0} if self.values[weight_q.input[1]].size > 1 else {}
+        quantized_weight, dequantized_weight, conv_out, conv_q, conv_dq = (
+            _unique_name(self.taken, f"{self.prefix}/{stem}")
+            for stem in ("weight_quantized", "weight_dequantized", "conv_output", "quantized", "dequantized")
+        )
+        conv_inputs = [node.input[0], dequantized_weight]
+        if len(node.input) > 2 and node.input[2]:
+            conv_inputs.append(self._constant("bias", np.repeat(self.values[node.input[2]], copies)))
+        grid = list(output_q.input[1:])
+        return [
+            onnx.helper.make_node("QuantizeLinear", [conv_weight, scale, zero], [quantized_weight], **axis),
+            onnx.helper.make_node(
+                "DequantizeLinear", [quantized_weight, scale, zero], [dequantized_weight], **axis
+            ),
+            onnx.helper.make_node(
+                "Conv", conv_inputs, [conv_out], name=f"{self.prefix}/Conv", kernel_shape=[1, 1]
+            ),
+            onnx.helper.make_node(
+                "QuantizeLinear", [conv_out, *grid], [conv_q], name=f"{self.prefix}/QuantizeLinear"
+            ),
+            onnx.helper.make_node(
+                "DequantizeLinear", [conv_q, *grid], [conv_dq], name=f"{self.prefix}/DequantizeLinear"
+            ),
+            onnx.helper.make_node(
+                "DepthToSpace",
+                [conv_dq],
+                [node.output[0]],
+                name=f"{self.prefix}/DepthToSpace",
+                blocksize=self.block,
+                mode="CRD",
+            ),
+        ]
+
+    def _constant(self, stem: str, array: np.ndarray) -> str:
+        name = _unique_name(self.taken, f"{self.prefix}/{stem}")
+        self.graph.initializer.append(numpy_helper.from_array(array, name))
+        return name
+
+    def _per_output(self, name: str) -> str:
+        """A per-output-channel constant repeated for the ``k*k`` Conv channels of each output channel."""
+        array = self.values[name]
+        if array.size == 1:
+            return name
+        return self._constant(name.rsplit("/", 1)[-1], np.repeat(array, self.block * self.block))
+
+
+def space_to_depth_input_convs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` where a quantized strided conv on a few-channel input reads it space-to-depth.
+
+    ONNX Runtime's integer convolution is slow on a 3-channel image (YOLO-NAS's stem: 3x3, stride 2,
+    three times the time of the float kernel). A conv with stride ``s`` equals a stride-1 conv over
+    the SpaceToDepth(s) of its input, with ``s*s`` times the input channels and a kernel of
+    ``ceil``-ish ``k/s`` blocks whose missing taps are zero: output ``i`` reads input row
+    ``s*i - pad + ky``, which is row ``(ky - pad) mod s`` of block ``i + floor((ky - pad) / s)``. The
+    SpaceToDepth moves the quantized values (between the input's Q and DQ), the conv pads blocks with
+    the zero point as before: bit-identical results, on a fast integer kernel.
+    """
+    return _rewritten(model, _space_to_depth_input_convs)
+
+
+#: input channel count at or below which a strided integer conv reads its input space-to-depth
+_FEW_CHANNELS = 4
+
+
+def _space_to_depth_input_convs(model: onnx.ModelProto) -> None:
+    graph = model.graph
+    values = _constant_values(graph)
+    producers = {out: node for node in graph.node for out in node.output}
+    consumers = _consumers(graph)
+    taken = set(values) | set(producers) | {node.name for node in graph.node}
+    shapes = {
+        info.name: [d.dim_value if d.HasField("dim_value") else None for d in info.type.tensor_type.shape.dim]
+        for info in (*onnx.shape_inference.infer_shapes(model).graph.value_info, *graph.input)
+    }
+    inserted: dict[str, onnx.NodeProto] = {}  # SpaceToDepth to go before the producer of the key
+    reshaped: set[str] = set()  # tensors whose recorded shapes are stale now
+    for node in graph.node:
+        if node.op_type != "Conv":
+            continue
+        data_dq, weight_dq = (producers.get(name) for name in node.input[:2])
+        if data_dq is None or data_dq.op_type != "DequantizeLinear":
+            continue
+        weight_q = _constant_quantizer(weight_dq, producers, values)
+        per_tensor = values.get(data_dq.input[1]) is not None and values[data_dq.input[1]].size == 1
+        if weight_q is None or not per_tensor or len(consumers[data_dq.output[0]]) != 1:
+            continue
+        weight = values[weight_q.input[0]]
+        blocks = _blocks_conv(node, weight, shapes.get(data_dq.input[0], []))
+        if blocks is None or weight.shape[1] > _FEW_CHANNELS:
+            continue
+        stride, pads, blocks_weight = blocks
+        moved = _unique_name(taken, f"{data_dq.input[0]}_space_to_depth")
+        inserted[data_dq.output[0]] = onnx.helper.make_node(
+            "SpaceToDepth",
+            [data_dq.input[0]],
+            [moved],
+            name=_unique_name(taken, f"{node.name or node.output[0]}/SpaceToDepth"),
+            blocksize=stride,
+        )
+        data_dq.input[0] = moved
+        reshaped.update((data_dq.output[0], weight_q.output[0], weight_dq.output[0]))
+        weight_name = _unique_name(taken, f"{weight_q.input[0]}_space_to_depth")
+        graph.initializer.append(numpy_helper.from_array(blocks_weight, weight_name))
+        weight_q.input[0] = weight_name
+        attributes = {"kernel_shape": list(blocks_weight.shape[2:]), "strides": [1, 1], "pads": pads}
+        kept = [a for a in node.attribute if a.name not in attributes]
+        del node.attribute[:]
+        node.attribute.extend([*kept, *(onnx.helper.make_attribute(k, v) for k, v in attributes.items())])
+    if inserted:
+        ordered = [
+            new
+            for node in graph.node
+            for new in ((inserted[node.output[0]],) if node.output[0] in inserted else ()) + (node,)
+        ]
+        del graph.node[:]
+        graph.node.extend(ordered)
+        stale = [info for info in graph.value_info if info.name in reshaped]
+        for info in stale:
+            graph.value_info.remove(info)
+
+
+def _constant_quantizer(
+    dequantize: onnx.NodeProto | None, producers: dict[str, onnx.NodeProto], values: dict[str, np.ndarray]
+) -> onnx.NodeProto | None:
+    """The QuantizeLinear of a constant that ``dequantize`` reads, if it reads one (ModelOpt's weights)."""
+    if dequantize is None or dequantize.op_type != "DequantizeLinear":
+        return None
+    quantize = producers.get(dequantize.input[0])
+    if quantize is None or quantize.op_type != "QuantizeLinear" or quantize.input[0] not in values:
+        return None
+    return quantize
+
+
+def _blocks_conv(
+    node: onnx.NodeProto, weight: np.ndarray, input_shape: list[int | None]
+) -> tuple[int, list[int], np.ndarray] | None:
+    """The stride-1 conv over SpaceToDepth(s) blocks equal to ``node``: ``(s, pads, weight)``, or None
+    unless ``node`` is a plain 2-D conv (one group, no dilation or auto_pad) with one stride ``s > 1``
+    over a static input whose sides ``s`` divides."""
+    attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    strides = list(attributes.get("strides", [1, 1]))
+    kernel = list(attributes.get("kernel_shape", weight.shape[2:]))
+    pads = list(attributes.get("pads", [0, 0, 0, 0]))
+    plain = (
+        attributes.get("group", 1) == 1
+        and list(attributes.get("dilations", [1, 1])) == [1, 1]
+        and attributes.get("auto_pad", b"NOTSET") == b"NOTSET"
+        and len(kernel) == 2
+        and len(input_shape) == 4
+        and strides[0] == strides[1] >= 2
+    )
+    if not plain:
+        return None
+    stride, sides = strides[0], input_shape[2:]
+    if any(side is None or side % stride for side in sides):
+        return None
+    # Per axis: tap ``t`` of output ``i`` reads block ``i + (t - pad) // s``, row ``(t - pad) % s``.
+    block_pads, first_blocks, block_kernel = [0, 0, 0, 0], [], []
+    for axis in range(2):
+        size, begin, end, taps = sides[axis], pads[axis], pads[axis + 2], kernel[axis]
+        outputs = (size + begin + end - taps) // stride + 1
+        first, last = -begin // stride, (taps - 1 - begin) // stride
+        blocks = size // stride
+        block_pads[axis], block_pads[axis + 2] = -first, max(0, outputs - 1 + last - (blocks - 1))
+        if blocks + block_pads[axis] + block_pads[axis + 2] - (last - first + 1) + 1 != outputs:
+            return None
+        first_blocks.append(first)
+        block_kernel.append(last - first + 1)
+    cout, cin = weight.shape[:2]
+    blocks_weight = np.zeros((cout, cin * stride * stride, *block_kernel), weight.dtype)
+    for ty in range(kernel[0]):
+        for tx in range(kernel[1]):
+            (by, dy), (bx, dx) = (divmod(tap - pads[axis], stride) for axis, tap in ((0, ty), (1, tx)))
+            channel = (dy * stride + dx) * cin  # SpaceToDepth's channel order: (row, column, channel)
+            blocks_weight[:, channel : channel + cin, by - first_blocks[0], bx - first_blocks[1]] = weight[
+                :, :, ty, tx
+            ]
+    return stride, block_pads, blocks_weight
+
+
+def _upsampling_block(node: onnx.NodeProto) -> int | None:
+    """``k`` for a 2-D ConvTranspose with kernel = stride = ``k`` and no padding, dilation or groups."""
+    if node.op_type != "ConvTranspose":
+        return None
+    attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    kernel = list(attributes.get("kernel_shape", []))
+    neutral = (
+        list(attributes.get("dilations", [1, 1])) == [1, 1]
+        and attributes.get("group", 1) == 1
+        and not any(attributes.get("pads", []))
+        and not any(attributes.get("output_padding", []))
+        and "output_shape" not in attributes
+        and attributes.get("auto_pad", b"NOTSET") == b"NOTSET"
+    )
+    if (
+        not neutral
+        or len(kernel) != 2
+        or kernel != list(attributes.get("strides", []))
+        or kernel[0] != kernel[1]
+    ):
+        return None
+    return int(kernel[0]) if kernel[0] > 1 else None
+
+
+def _axis(node: onnx.NodeProto) -> int:
+    return next((a.i for a in node.attribute if a.name == "axis"), 1)
 
 
 def fold_scalar_multipliers(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -378,9 +691,11 @@ def to_cpu_flavor(model: onnx.ModelProto) -> onnx.ModelProto:
         _drop_identity_casts,
         _fold_scalar_multipliers,
         _quantize_outputs,
+        _pixel_shuffle_upsampling,
         _drop_requantization,
         _to_uint8_activations,
         _fold_relu_into_quantize,
+        _space_to_depth_input_convs,
     )
 
 
@@ -405,8 +720,12 @@ _GRID_PRESERVING = frozenset(
 )
 
 
+#: ops that read only a tensor's shape, never its values
+_SHAPE_ONLY = frozenset({"Shape", "Size"})
+
+
 class _GridWalker:
-    """Finds a QuantizeLinear whose per-tensor grid every path from a tensor ends in (one grid for all)."""
+    """Finds, for a tensor, the per-tensor grid every path from each of its readers ends in."""
 
     def __init__(
         self, values: dict[str, np.ndarray], consumers: dict[str, list[onnx.NodeProto]], outputs: set[str]
@@ -415,16 +734,23 @@ class _GridWalker:
         self._memo: dict[str, onnx.NodeProto | None] = {}
 
     def target(self, tensor: str) -> onnx.NodeProto | None:
+        """A QuantizeLinear on the one grid that every path from ``tensor`` ends in, else None."""
         if tensor not in self._memo:
-            self._memo[tensor] = self._walk(tensor)
+            groups = self.groups(tensor)
+            self._memo[tensor] = groups[0][0] if groups is not None and len(groups) == 1 else None
         return self._memo[tensor]
 
-    def _walk(self, tensor: str) -> onnx.NodeProto | None:
+    def groups(self, tensor: str) -> list[tuple[onnx.NodeProto, list[onnx.NodeProto]]] | None:
+        """``tensor``'s readers grouped by the one grid each one's paths end in (a QuantizeLinear on
+        it, readers), or None when a path leaves the quantized graph or a reader's paths disagree."""
         users = self.consumers[tensor]
         if tensor in self.outputs or not users:
             return None
-        grids: dict[tuple, onnx.NodeProto] = {}
+        grouped: dict[tuple, tuple[onnx.NodeProto, list[onnx.NodeProto]]] = {}
+        shape_readers = [user for user in users if user.op_type in _SHAPE_ONLY]
         for user in users:
+            if user.op_type in _SHAPE_ONLY:
+                continue
             if user.op_type == "QuantizeLinear" and user.input[0] == tensor:
                 found: onnx.NodeProto | None = user
             elif self._passes(user, tensor):
@@ -434,8 +760,16 @@ class _GridWalker:
             grid = None if found is None else _grid(found, self.values)
             if grid is None:
                 return None
-            grids[grid] = found
-        return next(iter(grids.values())) if len(grids) == 1 else None
+            if grid not in grouped:
+                grouped[grid] = (found, [])
+            if all(reader is not user for reader in grouped[grid][1]):  # a reader may read it twice
+                grouped[grid][1].append(user)
+        if not grouped:
+            return None
+        # A dynamic-batch graph reads some shapes at run time: any copy of the tensor has the shape.
+        first = next(iter(grouped.values()))
+        first[1].extend(shape_readers)
+        return list(grouped.values())
 
     def _passes(self, node: onnx.NodeProto, tensor: str) -> bool:
         # Only as data: a tensor used as, say, Reshape's target shape is not carried through.

@@ -25,8 +25,10 @@ from nasquant.export import (
     export_onnx,
     fold_relu_into_quantize,
     fold_scalar_multipliers,
+    pixel_shuffle_upsampling,
     quantize_outputs,
     read_metadata,
+    space_to_depth_input_convs,
     to_uint8_activations,
     write_cpu_flavor,
 )
@@ -141,13 +143,17 @@ def test_cpu_flavor_runs_integer_kernels_only(flavors: dict[str, Path]) -> None:
     assert read_metadata(flavors["cpu"])[KEY_FLAVOR] == "cpu"
     assert read_metadata(flavors["cpu"])[KEY_PRECISION] == "int8"
     ops = optimized_op_types(flavors["cpu"])
-    # Nearly all of S's 98 convs run as QLinearConv: not the six prediction convs (float outputs), nor
-    # the few whose output feeds quantizers with different ranges (e.g. the neck's lateral convs).
-    # Residual Adds feeding one range are QLinearAdd; no Relu is left (folded into quantizers).
-    assert ops["QLinearConv"] >= 85
+    # Every one of S's 98 convs but the six prediction convs (float outputs) runs as QLinearConv, plus
+    # the two upsampling 1x1 convs and a copy of the neck's lateral conv, whose output two stages read
+    # on different grids (95 here). Residual Adds are QLinearAdd; no Relu is left (folded into quantizers).
+    assert ops["QLinearConv"] >= 93
     assert ops["QLinearAdd"] >= 18
     assert ops["QLinearConcat"] >= 8
     assert ops.get("Relu", 0) == 0
+    # The neck's two upsampling ConvTransposes run as integer 1x1 convs and a DepthToSpace.
+    assert ops.get("ConvTranspose", 0) == 0 and ops["DepthToSpace"] == 2
+    # The RGB stem reads its input space-to-depth (a 12-channel stride-1 conv).
+    assert ops["SpaceToDepth"] == 1
     # ModelOpt's graph as is (inputs quantized, outputs not) gives ORT nothing to fuse: float convs.
     assert optimized_op_types(flavors["trt"])["QLinearConv"] == 0
 
@@ -262,15 +268,22 @@ def _qdq_conv_graph(tail: str, scales: tuple[float, float] = (0.1, 0.1)) -> onnx
 
 
 @pytest.mark.parametrize(
-    ("tail", "scales", "added"),
-    [("quant", (0.1, 0.1), 1), ("residual", (0.1, 0.1), 0), ("quant", (0.1, 0.2), 0)],
+    ("tail", "scales", "added", "convs"),
+    [
+        ("quant", (0.1, 0.1), 1, 1),  # one grid: one pair after the Relu
+        ("residual", (0.1, 0.1), 0, 1),  # a float reader: nothing to do exactly
+        ("quant", (0.1, 0.2), 2, 2),  # two grids: one conv copy and pair per grid
+    ],
 )
 def test_conv_outputs_are_quantized_only_where_exact(
-    tail: str, scales: tuple[float, float], added: int
+    tail: str, scales: tuple[float, float], added: int, convs: int
 ) -> None:
     model = _qdq_conv_graph(tail, scales)
     quantized = quantize_outputs(model)
     assert count_qdq(quantized)["QuantizeLinear"] - count_qdq(model)["QuantizeLinear"] == added
+    assert _ops(quantized).count("Conv") == convs
+    x = np.random.default_rng(0).normal(0, 3, (1, 2, 4, 4)).astype(np.float32)
+    np.testing.assert_array_equal(_run(quantized, x), _run(model, x))
 
 
 def test_uint8_rewrite_refuses_a_quantized_tensor_it_cannot_follow() -> None:
@@ -375,3 +388,110 @@ def test_relu_folds_into_an_unsigned_quantizer_that_clips_later_never_earlier() 
     beyond = np.array([[13.0, 20.0, 25.5, 40.0]], np.float32)
     np.testing.assert_allclose(_run(model, beyond), 12.7, rtol=1e-6)
     np.testing.assert_allclose(_run(result, beyond), [[13.0, 20.0, 25.5, 25.5]], rtol=1e-6)
+
+
+def _upsampling_graph(kernel: int, stride: int) -> onnx.ModelProto:
+    """x -> Q/DQ -> ConvTranspose(per-output-channel int8 weights, bias) -> Q/DQ -> y."""
+    rng = np.random.default_rng(0)
+    cin, cout = 3, 4
+    inits = [
+        numpy_helper.from_array(rng.normal(0, 1, (cin, cout, kernel, kernel)).astype(np.float32), "w"),
+        numpy_helper.from_array(np.array([0.01, 0.02, 0.03, 0.04], np.float32), "s_w"),
+        numpy_helper.from_array(np.zeros(cout, np.int8), "z_w"),
+        numpy_helper.from_array(rng.normal(0, 1, cout).astype(np.float32), "b"),
+        _scalar("s_x", 0.05),
+        _scalar("s_y", 0.02),
+        _scalar("z", 0, np.int8),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "s_x", "z"], ["xq"]),
+        helper.make_node("DequantizeLinear", ["xq", "s_x", "z"], ["xd"]),
+        helper.make_node("QuantizeLinear", ["w", "s_w", "z_w"], ["wq"], axis=1),
+        helper.make_node("DequantizeLinear", ["wq", "s_w", "z_w"], ["wd"], axis=1),
+        helper.make_node(
+            "ConvTranspose", ["xd", "wd", "b"], ["up"], name="up", kernel_shape=[kernel] * 2, strides=[stride] * 2
+        ),
+        helper.make_node("QuantizeLinear", ["up", "s_y", "z"], ["yq"]),
+        helper.make_node("DequantizeLinear", ["yq", "s_y", "z"], ["y"]),
+    ]
+    size = (5 - 1) * stride + kernel
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, cin, 5, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, cout, size, size])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize(("kernel", "stride", "rewritten"), [(2, 2, True), (3, 3, True), (3, 2, False)])
+def test_an_upsampling_transposed_conv_becomes_a_conv_and_depth_to_space(
+    kernel: int, stride: int, rewritten: bool
+) -> None:
+    model = _upsampling_graph(kernel, stride)
+    result = pixel_shuffle_upsampling(model)
+    assert ("ConvTranspose" not in _ops(result)) is rewritten
+    assert ("DepthToSpace" in _ops(result)) is rewritten
+    x = np.random.default_rng(1).normal(0, 2, (1, 3, 5, 5)).astype(np.float32)
+    # The same int8 weights and output grid; only the float summation order may differ, which can
+    # move a value that sits on a rounding boundary by one step of the output grid, never more.
+    got, want = _run(result, x), _run(model, x)
+    assert np.abs(got - want).max() <= 0.02 + 1e-6
+    assert np.mean(got == want) > 0.99
+
+
+def _strided_conv_graph(kernel: int, stride: int, pads: list[int], size: int, cin: int = 3) -> onnx.ModelProto:
+    """x -> Q/DQ (uint8) -> Conv(per-output-channel int8 weights, bias) -> y, like the CPU flavour's stem."""
+    rng = np.random.default_rng(0)
+    cout = 5
+    inits = [
+        numpy_helper.from_array(rng.normal(0, 1, (cout, cin, kernel, kernel)).astype(np.float32), "w"),
+        numpy_helper.from_array(np.linspace(0.01, 0.05, cout).astype(np.float32), "s_w"),
+        numpy_helper.from_array(np.zeros(cout, np.int8), "z_w"),
+        numpy_helper.from_array(rng.normal(0, 1, cout).astype(np.float32), "b"),
+        _scalar("s_x", 1 / 127),
+        _scalar("z_x", 128, np.uint8),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "s_x", "z_x"], ["xq"]),
+        helper.make_node("DequantizeLinear", ["xq", "s_x", "z_x"], ["xd"]),
+        helper.make_node("QuantizeLinear", ["w", "s_w", "z_w"], ["wq"], axis=0),
+        helper.make_node("DequantizeLinear", ["wq", "s_w", "z_w"], ["wd"], axis=0),
+        helper.make_node(
+            "Conv", ["xd", "wd", "b"], ["y"], kernel_shape=[kernel] * 2, strides=[stride] * 2, pads=pads
+        ),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, cin, size, size])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, cout, None, None])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize(
+    ("kernel", "stride", "pads", "size", "cin", "rewritten"),
+    [
+        (3, 2, [1, 1, 1, 1], 16, 3, True),  # YOLO-NAS's stem
+        (4, 2, [1, 1, 1, 1], 16, 3, True),
+        (3, 2, [0, 0, 0, 0], 16, 3, True),
+        (6, 3, [2, 1, 2, 1], 18, 3, True),
+        (3, 2, [1, 1, 1, 1], 15, 3, False),  # SpaceToDepth needs sides the stride divides
+        (3, 1, [1, 1, 1, 1], 16, 3, False),  # nothing to gain at stride 1
+        (3, 2, [1, 1, 1, 1], 16, 8, False),  # enough channels for the integer kernel already
+    ],
+)
+def test_a_strided_conv_on_few_channels_reads_its_input_space_to_depth_bit_exactly(
+    kernel: int, stride: int, pads: list[int], size: int, cin: int, rewritten: bool
+) -> None:
+    model = _strided_conv_graph(kernel, stride, pads, size, cin)
+    result = space_to_depth_input_convs(model)
+    assert ("SpaceToDepth" in _ops(result)) is rewritten
+    x = np.random.default_rng(1).random((1, cin, size, size), dtype=np.float32)
+    got, want = _run(result, x), _run(model, x)
+    assert got.shape == want.shape
+    # Integer products summed in another order: with these small sums, float32 is exact either way.
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
