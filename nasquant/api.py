@@ -210,7 +210,7 @@ class NAS:
         return f"NAS({self.variant}, {self.model.num_classes} classes, {Path(self.checkpoint.path).name})"
 
 
-def val_onnx(
+def val_exported(
     path: str | os.PathLike,
     data: str | os.PathLike,
     *,
@@ -222,11 +222,12 @@ def val_onnx(
     threads: int | None = None,
     progress: bool = True,
 ) -> dict:
-    """COCO metrics of an exported graph, preprocessed as its metadata records (unless overridden)."""
+    """COCO metrics of an exported ``.onnx`` graph or ``.engine``, preprocessed as its metadata
+    records (unless overridden)."""
     from nasquant.export import onnx as keys
-    from nasquant.runtime import OnnxRuntimeBackend
+    from nasquant.runtime import load_backend
 
-    backend = OnnxRuntimeBackend(path, device=device, threads=threads)
+    backend = load_backend(path, device=device, threads=threads)
     recorded = backend.metadata.get(keys.KEY_PREPROCESS)
     size = imgsz or backend.input_size
     if recorded and protocol in (None, backend.metadata.get(keys.KEY_PROTOCOL)) and imgsz in (None, size):
@@ -240,7 +241,7 @@ def val_onnx(
     metrics = validate(backend, load_dataset(data), spec, nms=nms, batch_size=batch, progress=progress)
     metrics.update(
         model=str(path),
-        variant=backend.metadata.get(keys.KEY_VARIANT, "onnx"),
+        variant=backend.metadata.get(keys.KEY_VARIANT, Path(path).suffix.lstrip(".")),
         imgsz=spec.imgsz,
         protocol=protocol or backend.metadata.get(keys.KEY_PROTOCOL, "sg"),
     )

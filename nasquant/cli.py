@@ -1,4 +1,4 @@
-"""``nasquant`` command line: ``info``, ``val``, ``predict``.
+"""``nasquant`` command line: ``info``, ``val``, ``predict``, ``quantize``, ``bench``, ``engine``, ``report``.
 
 Bad input exits with code 2 and one line on stderr; ``--debug`` shows the traceback instead.
 """
@@ -9,9 +9,11 @@ import argparse
 import sys
 import traceback
 from collections.abc import Sequence
+from pathlib import Path
 
 from nasquant import __version__
 from nasquant.errors import NasquantError
+from nasquant.formats import EXPORTED_SUFFIXES
 from nasquant.io import write_json
 
 
@@ -96,8 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="exit 1 when an INT8 row loses more than POINTS mAP50-95 points vs FP32 (e.g. 0.5)",
     )
 
-    bench = commands.add_parser("bench", help="latency of any model file (.pt/.pth/.safetensors/.onnx)")
-    bench.add_argument("--model", required=True, help="checkpoint or .onnx file")
+    bench = commands.add_parser("bench", help="latency of any model file (.pt/.safetensors/.onnx/.engine)")
+    bench.add_argument("--model", required=True, help="checkpoint, .onnx or .engine file")
     bench.add_argument(
         "--imgsz", type=int, default=None, help="input size (default: the model's own, else 640)"
     )
@@ -107,6 +109,20 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--iterations", type=int, default=50, help="timed runs (default 50)")
     bench.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when present)")
     bench.add_argument("--json", metavar="PATH", help="write the benchmark row as JSON")
+
+    engine = commands.add_parser("engine", help="TensorRT engines: build one here, or print the trtexec line")
+    actions = engine.add_subparsers(dest="engine_command", required=True, metavar="ACTION")
+    build = actions.add_parser("build", help="build an engine from an exported ONNX on this GPU")
+    _add_engine_arguments(build)
+    command = actions.add_parser(
+        "command", help="print the trtexec line that builds the engine (for machines without TensorRT Python)"
+    )
+    _add_engine_arguments(command)
+    command.add_argument(
+        "--tensorrt-version",
+        default="10",
+        help="TensorRT on the target machine, e.g. 10.3 (JetPack 6) or 11 (default 10): decides the flags",
+    )
 
     report = commands.add_parser("report", help="show a run's report, or compare several runs")
     report.add_argument("runs", nargs="+", help="run folders (or their report.json)")
@@ -118,6 +134,48 @@ def build_parser() -> argparse.ArgumentParser:
         help="exit 1 when an INT8 row of any run loses more than POINTS mAP50-95 points vs FP32",
     )
     return parser
+
+
+def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    from nasquant.recipe import EnginesSection
+
+    defaults = EnginesSection()
+    parser.add_argument(
+        "model", help="exported ONNX: model.fp32.onnx (FP16/FP32) or model.int8.trt.onnx (INT8)"
+    )
+    precision = parser.add_mutually_exclusive_group()
+    for name in ("fp32", "fp16", "int8"):
+        precision.add_argument(
+            f"--{name}", dest="precision", action="store_const", const=name, help=f"{name.upper()} engine"
+        )
+    parser.set_defaults(precision=None)
+    parser.add_argument("--output", help="engine path (default: beside the ONNX, e.g. model.int8.engine)")
+    parser.add_argument("--min-batch", type=int, help="profile minimum batch (dynamic-batch graphs only)")
+    parser.add_argument("--opt-batch", type=int, help="profile batch the kernels are tuned for")
+    parser.add_argument("--max-batch", type=int, help="profile maximum batch")
+    parser.add_argument(
+        "--workspace-mb", type=int, default=defaults.workspace_mb, help="builder workspace, MiB"
+    )
+    parser.add_argument(
+        "--opt-level", type=int, default=defaults.optimization_level, help="builder optimization level 0-5"
+    )
+    parser.add_argument("--timing-cache", help="timing cache file, read and updated (faster rebuilds)")
+    parser.add_argument(
+        "--typing", choices=["auto", "strong", "weak"], default=defaults.typing, help="network typing (auto)"
+    )
+    parser.add_argument("--dla-core", type=int, help="Jetson DLA core to build for")
+    parser.add_argument(
+        "--no-gpu-fallback",
+        action="store_true",
+        help="with --dla-core: fail instead of running layers on the GPU",
+    )
+    parser.add_argument(
+        "--hardware-compatibility",
+        choices=["none", "ampere_plus", "same_compute_capability"],
+        default=defaults.hardware_compatibility,
+        help="let the engine run on other GPUs (slower)",
+    )
+    parser.add_argument("--verbose", action="store_true", help="verbose TensorRT build log")
 
 
 def _load(args: argparse.Namespace, *, fuse: bool = True):
@@ -155,10 +213,10 @@ def _cmd_val(args: argparse.Namespace) -> None:
     from nasquant.eval.postprocess import NMSSettings
 
     nms = NMSSettings(conf=args.conf, iou=args.iou, top_k=args.top_k, max_det=args.max_det)
-    if args.model.lower().endswith(".onnx"):
-        from nasquant.api import val_onnx
+    if Path(args.model).suffix.lower() in EXPORTED_SUFFIXES:
+        from nasquant.api import val_exported
 
-        metrics = val_onnx(
+        metrics = val_exported(
             args.model, args.data, protocol=args.protocol, imgsz=args.imgsz, batch=args.batch, nms=nms,
             device=args.device,
         )  # fmt: skip
@@ -227,15 +285,13 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from nasquant.bench import benchmark, set_threads
 
     set_threads(args.threads)
-    if Path(args.model).suffix.lower() == ".onnx":
-        from nasquant.runtime import OnnxRuntimeBackend
+    if Path(args.model).suffix.lower() in EXPORTED_SUFFIXES:
+        from nasquant.runtime import load_backend
 
-        backend = OnnxRuntimeBackend(args.model, device=args.device, threads=args.threads)
+        backend = load_backend(args.model, device=args.device, threads=args.threads)
         imgsz = args.imgsz or backend.input_size or 640
     else:
         from nasquant.api import NAS
@@ -259,6 +315,46 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_engine(args: argparse.Namespace) -> int:
+    from nasquant.export.tensorrt import (
+        EngineSettings,
+        EngineSource,
+        autocast_command,
+        build_engine,
+        build_plan,
+        default_engine_path,
+        trtexec_command,
+    )
+
+    source = EngineSource.inspect(args.model)
+    precision = args.precision or ("int8" if source.precision == "int8" else "fp16")
+    source.check_precision(precision)
+    settings = EngineSettings(
+        precision=precision,
+        workspace_mb=args.workspace_mb,
+        optimization_level=args.opt_level,
+        profile=source.profile(args.min_batch, args.opt_batch, args.max_batch),
+        timing_cache=Path(args.timing_cache) if args.timing_cache else None,
+        typing=args.typing,
+        dla_core=args.dla_core,
+        gpu_fallback=not args.no_gpu_fallback,
+        hardware_compatibility=args.hardware_compatibility,
+        verbose=args.verbose,
+    )
+    output = Path(args.output) if args.output else default_engine_path(source.path, precision)
+    if args.engine_command == "command":
+        if build_plan(settings, tensorrt_version=args.tensorrt_version).autocast_fp16:
+            print(autocast_command(source.path))
+        print(trtexec_command(source.path, output, settings, tensorrt_version=args.tensorrt_version))
+        return 0
+    sidecar = build_engine(source.path, output, settings)
+    print(
+        f"{output}: {precision} engine, TensorRT {sidecar.tensorrt_version} on {sidecar.gpu_name} "
+        f"(sm {sidecar.compute_capability}); sidecar {output.name}.json"
+    )
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from nasquant.report import compare_reports, load_report
 
@@ -278,6 +374,7 @@ COMMANDS = {
     "predict": _cmd_predict,
     "quantize": _cmd_quantize,
     "bench": _cmd_bench,
+    "engine": _cmd_engine,
     "report": _cmd_report,
 }
 

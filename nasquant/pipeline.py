@@ -8,15 +8,12 @@ renamed when complete, so an interrupted run never leaves a half-written artifac
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-
-import torch
 
 from nasquant import __version__
 from nasquant.api import NAS
@@ -29,11 +26,20 @@ from nasquant.eval.postprocess import NMSSettings
 from nasquant.eval.validate import validate
 from nasquant.export import export_onnx, write_cpu_flavor
 from nasquant.export import onnx as onnx_keys
+from nasquant.export.sidecar import sidecar_path
+from nasquant.export.tensorrt import (
+    EngineSource,
+    build_engine,
+    default_engine_path,
+    engine_settings,
+    tensorrt_unavailable,
+)
 from nasquant.io import write_json
 from nasquant.quant import calibrate, keep_in_float, load_calibration, save_calibration
 from nasquant.recipe import Recipe
 from nasquant.report import ReportRow, artifact_size_mb, load_report, write_report
-from nasquant.runtime import Backend, OnnxRuntimeBackend, TorchBackend
+from nasquant.report.deploy import write_deploy_guide
+from nasquant.runtime import Backend, OnnxRuntimeBackend, TensorRTBackend, TorchBackend
 
 Log = Callable[[str], None]
 #: Real images cycled through for the end-to-end (read-free pre + model + post) timing.
@@ -99,14 +105,6 @@ def _subset(dataset: DetectionDataset, max_images: int | None) -> DetectionDatas
     )
 
 
-def _tensorrt_skip_reason() -> str:
-    if importlib.util.find_spec("tensorrt") is None:
-        return "tensorrt not installed"
-    if not torch.cuda.is_available():
-        return "no CUDA device"
-    return "engine building arrives with the TensorRT milestone"
-
-
 class QuantizePipeline:
     def __init__(
         self,
@@ -166,13 +164,10 @@ class QuantizePipeline:
         )
         calibrated, skipped = self._calibrate(nas, spec, validation, model_key)
         artifacts = self._export(nas, spec, calibrated, skipped, model_key)
-        rows = [self._evaluate(artifact, nas, spec, val_subset, nms) for artifact in artifacts]
-        if recipe.engines.enabled:
-            reason = _tensorrt_skip_reason()
-            rows += [
-                ReportRow.skipped_row(f"TRT {p.upper()}", "tensorrt", p, reason)
-                for p in recipe.engines.precisions
-            ]
+        engines, skipped_rows = self._engines(artifacts, spec)
+        rows = [self._evaluate(artifact, nas, spec, val_subset, nms) for artifact in artifacts + engines]
+        rows += skipped_rows
+        self._deploy_guide(nas, spec, artifacts, nms)
         files = write_report(
             self.run_dir,
             recipe=recipe.to_dict(),
@@ -312,9 +307,89 @@ class QuantizePipeline:
         if precision == "int8":
             write_cpu_flavor(target, stem.with_name(f"{stem.name}.cpu.onnx"))
 
+    def _engines(self, artifacts: list[Artifact], spec: Preprocess) -> tuple[list[Artifact], list[ReportRow]]:
+        """TensorRT engines built from the exported graphs (FP16/FP32 from the FP32 graph, INT8 from the
+        selective QDQ graph), or one skipped row per precision saying why none could be built here."""
+        section = self.recipe.engines
+        if not section.enabled:
+            return [], []
+        reason = tensorrt_unavailable()
+        if reason is not None:
+            rows = [
+                ReportRow.skipped_row(f"TRT {p.upper()}", "tensorrt", p, reason) for p in section.precisions
+            ]
+            return [], rows
+        sources: dict[str, Artifact] = {}
+        for artifact in artifacts:  # the first FP32 graph, the first (selective) TensorRT-flavour INT8
+            if artifact.backend == "onnxruntime" and artifact.flavor in (None, "trt"):
+                sources.setdefault(artifact.precision, artifact)
+        engines = []
+        for precision in section.precisions:
+            source = sources["int8" if precision == "int8" else "fp32"]
+            started = time.perf_counter()
+            pairs = {source.path: default_engine_path(source.path, precision)}
+            if source.bench_path != source.path:
+                pairs[source.bench_path] = default_engine_path(source.bench_path, precision)
+            stage = f"engine {precision}"
+            key = _hash([_file_hash(onnx) for onnx in pairs], self.recipe.section_hash("engines"), precision)
+            outputs = [p for engine in pairs.values() for p in (engine, sidecar_path(engine))]
+            cached = self.cache.get(stage, key, outputs) is not None
+            if not cached:
+                for onnx, engine in pairs.items():
+                    geometry = EngineSource.inspect(onnx)
+                    settings = engine_settings(
+                        section,
+                        precision=precision,
+                        imgsz=geometry.imgsz,
+                        batch=geometry.batch or self.recipe.input.batch,
+                        dynamic_batch=geometry.batch is None,
+                    )
+                    build_engine(onnx, engine, settings, log=self.log)
+                self.cache.put(stage, key, {"engines": [str(p) for p in pairs.values()]})
+            self._stage(stage, f"{', '.join(p.name for p in pairs.values())}", started, cached)
+            engine, *bench = pairs.values()
+            engines.append(
+                Artifact(
+                    f"TRT {precision.upper()}",
+                    "tensorrt",
+                    precision,
+                    None,
+                    engine,
+                    source.skipped_layers if precision == "int8" else [],
+                    bench[0] if bench else engine,
+                )
+            )
+        return engines, []
+
+    def _deploy_guide(self, nas: NAS, spec: Preprocess, artifacts: list[Artifact], nms: NMSSettings) -> None:
+        fp32 = next(a for a in artifacts if a.backend == "onnxruntime" and a.precision == "fp32")
+        int8 = next(a for a in artifacts if a.flavor == "trt")
+        geometry = EngineSource.inspect(fp32.path)
+        settings = engine_settings(
+            self.recipe.engines,
+            precision="int8",
+            imgsz=geometry.imgsz,
+            batch=geometry.batch or self.recipe.input.batch,
+            dynamic_batch=geometry.batch is None,
+        )
+        path = write_deploy_guide(
+            self.run_dir,
+            fp32_onnx=fp32.path,
+            int8_onnx=int8.path,
+            settings=settings,
+            spec=spec,
+            nms=nms,
+            class_names=list(nas.names),
+            skipped_layers=int8.skipped_layers,
+            fixed_batch=geometry.batch,
+        )
+        self.log(f"[deploy] {path}")
+
     def _backend(self, artifact: Artifact, nas: NAS, path: Path | None) -> Backend:
         if artifact.backend == "torch":
             return TorchBackend(nas.model, device="cpu")
+        if artifact.backend == "tensorrt":
+            return TensorRTBackend(path)
         return OnnxRuntimeBackend(path, threads=self.recipe.benchmark.threads)
 
     def _evaluate(
@@ -329,7 +404,7 @@ class QuantizePipeline:
         cached = result is not None
         if not cached:
             # A static-batch graph runs only the batch it was exported with.
-            static = artifact.backend == "onnxruntime" and not recipe.export.dynamic_batch
+            static = artifact.backend != "torch" and not recipe.export.dynamic_batch
             batch = recipe.benchmark.batch_sizes[0] if static else recipe.validation.batch_size
             metrics = validate(
                 self._backend(artifact, nas, artifact.path),

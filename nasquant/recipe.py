@@ -161,10 +161,10 @@ class ExportSection:
 
 @dataclass(frozen=True)
 class EnginesSection:
-    """TensorRT engines built from the ONNX files (a later milestone reads these)."""
+    """TensorRT engines built from the ONNX files: FP16 from the FP32 graph, INT8 from the QDQ graph."""
 
     enabled: bool = True
-    """Build engines at all (false on machines without TensorRT)."""
+    """Build engines when TensorRT and a GPU are present (the report says why when they are not)."""
     precisions: list[Precision] = _constrained(factory=lambda: ["fp16", "int8"], nonempty=True, unique=True)
     """One engine per precision."""
     workspace_mb: int = _constrained(4096, ge=1)
@@ -181,10 +181,16 @@ class EnginesSection:
     """Optimization profile maximum batch (None = ``input.batch``)."""
     dla_core: int | None = _constrained(None, ge=0)
     """Jetson DLA core to build for (None = GPU)."""
+    gpu_fallback: bool = True
+    """With ``dla_core``: run layers the DLA cannot on the GPU instead of failing the build."""
     hardware_compatibility: Literal["none", "ampere_plus", "same_compute_capability"] = "none"
     """Let an engine run on GPUs other than the one that built it, at some speed cost."""
-    strongly_typed: bool = False
-    """Build a strongly typed network: precisions come from the graph, not from builder flags."""
+    typing: Literal["auto", "strong", "weak"] = "auto"
+    """weak: the exported graph + FP16/INT8 builder flags (TensorRT 10 only); strong: the graph made
+    FP16 by ModelOpt AutoCast first, precisions exactly as typed (TensorRT 11 has nothing else);
+    auto: weak on TensorRT 10, strong from 11."""
+    verbose: bool = False
+    """Verbose TensorRT build log (``<engine>.build.log``; INFO and above otherwise)."""
 
     def _cross_checks(self) -> list[tuple[str, str]]:
         given = [(name, getattr(self, name)) for name in ("min_batch", "opt_batch", "max_batch")]

@@ -124,3 +124,59 @@ def test_val_accepts_an_exported_onnx_and_uses_its_recorded_preprocessing(
     metrics = json.loads(out.read_text())
     assert metrics["backend"] == "onnxruntime" and metrics["imgsz"] == 320 and metrics["protocol"] == "sg"
     assert abs(metrics["map50_95"] - _recorded_fp32_map()) <= 0.005
+
+
+def test_engine_command_prints_a_trtexec_line_for_the_int8_graph(flavors: dict[str, Path], capsys) -> None:
+    from tests.export.test_tensorrt import trtexec_options
+
+    assert main(["engine", "command", str(flavors["trt"]), "--int8", "--max-batch", "8"]) == 0
+    options = trtexec_options(capsys.readouterr().out.strip())
+    assert options["--onnx"] == str(flavors["trt"]) and "--int8" in options
+    assert options["--maxShapes"].endswith("8x3x320x320")
+    # TensorRT 11 needs the AutoCast step first: two lines
+    assert main(["engine", "command", str(flavors["trt"]), "--tensorrt-version", "11.0"]) == 0
+    autocast, trtexec = capsys.readouterr().out.strip().splitlines()
+    assert autocast.startswith("python -m modelopt.onnx.autocast") and "--int8" not in trtexec_options(
+        trtexec
+    )
+
+
+def test_engine_and_exported_file_mistakes_give_one_line(
+    flavors: dict[str, Path], fp32_onnx: Path, tmp_path: Path, capsys
+) -> None:
+    code = main(["engine", "command", str(flavors["cpu"])])
+    _assert_one_line_error(code, capsys.readouterr().err, "CPU flavour", "*.int8.trt.onnx")
+    code = main(["engine", "command", str(fp32_onnx), "--int8"])
+    _assert_one_line_error(code, capsys.readouterr().err, "no Q/DQ nodes")
+    code = main(["engine", "command", str(fp32_onnx), "--max-batch", "8"])
+    _assert_one_line_error(code, capsys.readouterr().err, "fixed batch of 1", "dynamic_batch")
+    code = main(["engine", "command", str(flavors["trt"]), "--dla-core", "0", "--tensorrt-version", "8.6"])
+    _assert_one_line_error(code, capsys.readouterr().err, "too old")
+    engine = tmp_path / "model.int8.engine"
+    engine.write_bytes(b"not an engine")
+    code = main(["bench", "--model", str(engine)])
+    _assert_one_line_error(code, capsys.readouterr().err, "no sidecar beside the engine")
+    code = main(
+        [
+            "val",
+            "--model",
+            str(engine),
+            "--data",
+            str(shared_path("data", "shapes", "val", "annotations.json")),
+        ]
+    )
+    _assert_one_line_error(code, capsys.readouterr().err, "no sidecar beside the engine")
+
+
+def test_engine_build_without_tensorrt_says_how_to_get_it(flavors: dict[str, Path], capsys) -> None:
+    from nasquant.export.tensorrt import tensorrt_unavailable
+
+    if tensorrt_unavailable() is None:
+        pytest.skip("TensorRT and a GPU are present: the build test lives in tests/runtime")
+    code = main(["engine", "build", str(flavors["trt"])])
+    expected = {
+        "tensorrt not installed": "tensorrt is not installed",
+        "cuda-python not installed": "cuda-python is not installed",
+        "no CUDA device": "no CUDA device",
+    }
+    _assert_one_line_error(code, capsys.readouterr().err, expected[tensorrt_unavailable()])

@@ -130,7 +130,7 @@ def test_defaults(tmp_path: Path) -> None:
         3,
     )
     assert (e.timing_cache, e.min_batch, e.opt_batch, e.max_batch, e.dla_core) == (None,) * 5
-    assert (e.hardware_compatibility, e.strongly_typed) == ("none", False)
+    assert (e.hardware_compatibility, e.typing, e.gpu_fallback, e.verbose) == ("none", "auto", True, False)
     v = recipe.validation
     assert (v.data, v.format, v.protocol, v.conf, v.iou) == (None, "auto", "sg", 0.01, 0.7)
     assert (v.top_k, v.max_det, v.batch_size, v.max_images) == (1000, 300, 8, None)

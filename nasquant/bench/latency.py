@@ -1,8 +1,9 @@
 """Latency of any :class:`~nasquant.runtime.base.Backend`: model-only and end-to-end.
 
-Every backend returns numpy arrays from ``run``, so a timed call always includes the host-to-device
-copy, the device work and the copy back: on CUDA the ``.cpu()``/output copy synchronises, and no
-explicit synchronisation is needed for the clock to be honest.
+Model-only timing asks the backend to time itself (``Backend.timed_run``): the host clock around
+``run`` for torch and ONNX Runtime, whose ``run`` returns numpy arrays (so the copy back synchronises
+CUDA and the clock is honest), and CUDA events around copy-in, execution and copy-out for TensorRT.
+End-to-end timing (pre + model + post) is host work and uses the host clock.
 """
 
 from __future__ import annotations
@@ -123,18 +124,28 @@ def _quiet_gc() -> Iterator[None]:
 
 
 def _time_calls(
-    call: Callable[[int], object], *, warmup: int, iterations: int, desc: str, progress: bool
+    timed_call: Callable[[int], int], *, warmup: int, iterations: int, desc: str, progress: bool
 ) -> list[int]:
-    """Run ``call(i)`` ``warmup`` times untimed, then return the durations of ``iterations`` calls."""
+    """Run ``timed_call(i)`` (which returns its own duration in ns) ``warmup`` times, then return the
+    durations of ``iterations`` calls."""
     for index in range(warmup):
-        call(index)
-    durations = []
+        timed_call(index)
     with _quiet_gc():
-        for index in tqdm(range(iterations), desc=desc, unit="it", disable=not progress):
-            start = perf_counter_ns()
-            call(warmup + index)
-            durations.append(perf_counter_ns() - start)
-    return durations
+        return [
+            timed_call(warmup + index)
+            for index in tqdm(range(iterations), desc=desc, unit="it", disable=not progress)
+        ]
+
+
+def _host_timed(call: Callable[[int], object]) -> Callable[[int], int]:
+    """``call`` timed with the host clock."""
+
+    def timed(index: int) -> int:
+        start = perf_counter_ns()
+        call(index)
+        return perf_counter_ns() - start
+
+    return timed
 
 
 def benchmark_model(
@@ -154,8 +165,9 @@ def benchmark_model(
     _check_counts(warmup, iterations)
     # A fixed seed, so every artifact of a run is timed on the very same input.
     images = np.random.default_rng(0).random((batch, 3, imgsz, imgsz), dtype=np.float32)
+    # The backend times itself: the host clock around run(), or CUDA events on a GPU backend.
     durations = _time_calls(
-        lambda _: backend.run(images),
+        lambda _: backend.timed_run(images),
         warmup=warmup,
         iterations=iterations,
         desc=f"bench {backend.describe()}",
@@ -189,7 +201,7 @@ def benchmark_end_to_end(
         postprocess(boxes, scores, nms)
 
     durations = _time_calls(
-        call,
+        _host_timed(call),
         warmup=warmup,
         iterations=iterations,
         desc=f"bench e2e {backend.describe()}",

@@ -1,9 +1,21 @@
 """Execution backends behind one interface: ``run(batch) -> (boxes, scores)``."""
 
+import os
+from pathlib import Path
+
+from nasquant.formats import ENGINE_SUFFIXES
 from nasquant.runtime.base import Backend
 from nasquant.runtime.torch_backend import TorchBackend, resolve_device
 
-__all__ = ["Backend", "OnnxRuntimeBackend", "TorchBackend", "optimized_op_types", "resolve_device"]
+__all__ = [
+    "Backend",
+    "OnnxRuntimeBackend",
+    "TensorRTBackend",
+    "TorchBackend",
+    "load_backend",
+    "optimized_op_types",
+    "resolve_device",
+]
 
 
 def __getattr__(name: str):
@@ -12,4 +24,24 @@ def __getattr__(name: str):
         from nasquant.runtime import onnxruntime_backend
 
         return getattr(onnxruntime_backend, name)
+    if name == "TensorRTBackend":  # never imports tensorrt itself: the backend does, when built
+        from nasquant.runtime.tensorrt_backend import TensorRTBackend
+
+        return TensorRTBackend
     raise AttributeError(f"module 'nasquant.runtime' has no attribute {name!r}")
+
+
+def load_backend(
+    path: str | os.PathLike, *, device: str | None = None, threads: int | None = None
+) -> Backend:
+    """The backend for an exported model file: ``.onnx`` runs on ONNX Runtime (``device`` picks the
+    provider, ``threads`` its intra-op threads), ``.engine`` / ``.plan`` on TensorRT (``cuda:N``)."""
+    suffix = Path(path).suffix.lower()
+    if suffix in ENGINE_SUFFIXES:
+        from nasquant.runtime.tensorrt_backend import TensorRTBackend
+
+        index = int(device.split(":", 1)[1]) if device and ":" in device else 0
+        return TensorRTBackend(path, device=index)
+    from nasquant.runtime.onnxruntime_backend import OnnxRuntimeBackend
+
+    return OnnxRuntimeBackend(path, device=device, threads=threads)

@@ -1,4 +1,4 @@
-"""The one interface every execution backend implements (torch now; ONNX Runtime and TensorRT later).
+"""The one interface every execution backend implements (torch, ONNX Runtime, TensorRT).
 
 Validation, prediction and benchmarking are written once against :class:`Backend`, the way
 polygraphy puts every runtime behind one small runner interface.
@@ -7,6 +7,7 @@ polygraphy puts every runtime behind one small runner interface.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from time import perf_counter_ns
 
 import numpy as np
 
@@ -27,6 +28,13 @@ class Backend(ABC):
 
     @abstractmethod
     def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def timed_run(self, images: np.ndarray) -> int:
+        """Run once and return its duration in nanoseconds: the host clock around :meth:`run` here;
+        a GPU backend overrides this with device-side (CUDA event) timing."""
+        start = perf_counter_ns()
+        self.run(images)
+        return perf_counter_ns() - start
 
     def describe(self) -> str:
         return f"{self.name} {self.precision} on {self.device}"

@@ -12,8 +12,6 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from nasquant import NAS
-from nasquant.data.calibration import select_calibration_images
-from nasquant.data.datasets import iter_batches, load_dataset
 from nasquant.data.preprocess import preprocess, read_image
 from nasquant.errors import NasquantError
 from nasquant.eval.postprocess import Detections, postprocess
@@ -32,45 +30,20 @@ from nasquant.export import (
     to_uint8_activations,
     write_cpu_flavor,
 )
-from nasquant.quant import calibrate, keep_in_float
+from nasquant.quant import keep_in_float
 from nasquant.runtime import OnnxRuntimeBackend, optimized_op_types
+from tests.conftest import IMGSZ
 from tests.shared import shared_path
 
-IMGSZ = 320
 # YOLO-NAS-S: 98 convs + 2 transposed convs (weights and inputs) + 3 SPP max-pools (inputs)
 # + 20 bottlenecks (both residual Add operands)
 WEIGHT_QDQ, ACTIVATION_QDQ = 100, 103 + 2 * 20
 
 
 @pytest.fixture(scope="module")
-def nas() -> NAS:
-    return NAS(shared_path("fixtures", "yolo_nas_s_shapes.pt")).fuse()
-
-
-@pytest.fixture(scope="module")
-def calibrated(nas: NAS) -> torch.nn.Module:
-    chosen = select_calibration_images(load_dataset(shared_path("data", "shapes", "calib")), num_images=16)
-    batches = [batch.images for batch in iter_batches(chosen, nas.preprocessing(), 8)]
-    return calibrate(nas.model, batches, method="max", progress=False)
-
-
-@pytest.fixture(scope="module")
-def flavors(calibrated: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("int8")
-    trt = export_onnx(
-        calibrated,
-        folder / "model.int8.trt.onnx",
-        imgsz=IMGSZ,
-        dynamic_batch=True,
-        metadata={KEY_FLAVOR: "trt"},
-    )
-    return {"trt": trt, "cpu": write_cpu_flavor(trt, folder / "model.int8.cpu.onnx")}
-
-
-@pytest.fixture(scope="module")
-def images(nas: NAS) -> np.ndarray:
+def images(shapes_nas: NAS) -> np.ndarray:
     paths = sorted(shared_path("data", "shapes", "val", "images").glob("*.jpg"))[:4]
-    return np.stack([preprocess(read_image(p), nas.preprocessing())[0] for p in paths])
+    return np.stack([preprocess(read_image(p), shapes_nas.preprocessing())[0] for p in paths])
 
 
 def _qdq_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
@@ -409,7 +382,12 @@ def _upsampling_graph(kernel: int, stride: int) -> onnx.ModelProto:
         helper.make_node("QuantizeLinear", ["w", "s_w", "z_w"], ["wq"], axis=1),
         helper.make_node("DequantizeLinear", ["wq", "s_w", "z_w"], ["wd"], axis=1),
         helper.make_node(
-            "ConvTranspose", ["xd", "wd", "b"], ["up"], name="up", kernel_shape=[kernel] * 2, strides=[stride] * 2
+            "ConvTranspose",
+            ["xd", "wd", "b"],
+            ["up"],
+            name="up",
+            kernel_shape=[kernel] * 2,
+            strides=[stride] * 2,
         ),
         helper.make_node("QuantizeLinear", ["up", "s_y", "z"], ["yq"]),
         helper.make_node("DequantizeLinear", ["yq", "s_y", "z"], ["y"]),
@@ -441,7 +419,9 @@ def test_an_upsampling_transposed_conv_becomes_a_conv_and_depth_to_space(
     assert np.mean(got == want) > 0.99
 
 
-def _strided_conv_graph(kernel: int, stride: int, pads: list[int], size: int, cin: int = 3) -> onnx.ModelProto:
+def _strided_conv_graph(
+    kernel: int, stride: int, pads: list[int], size: int, cin: int = 3
+) -> onnx.ModelProto:
     """x -> Q/DQ (uint8) -> Conv(per-output-channel int8 weights, bias) -> y, like the CPU flavour's stem."""
     rng = np.random.default_rng(0)
     cout = 5

@@ -1,0 +1,173 @@
+"""``DEPLOY.md``: the hand-off from a run folder to whoever ships the model on a T4 or a Jetson.
+
+Engines are tied to a TensorRT version and a GPU, so what travels is the ONNX: the guide gives the
+exact commands that turn it into an engine on the target (nasquant's builder where TensorRT Python
+is installed, ``trtexec`` where it is not, e.g. on many JetPack images), and the input/output
+contract with the pre- and post-processing a C++ consumer has to reproduce.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+
+from nasquant.data.preprocess import Preprocess
+from nasquant.eval.postprocess import NMSSettings
+from nasquant.export.onnx import INPUT_NAME, OUTPUT_NAMES
+from nasquant.export.tensorrt import (
+    EngineSettings,
+    autocast_command,
+    default_engine_path,
+    trtexec_command,
+)
+from nasquant.io import atomic_path
+
+DEPLOY_MD = "DEPLOY.md"
+
+
+def write_deploy_guide(
+    run_dir: str | os.PathLike,
+    *,
+    fp32_onnx: Path,
+    int8_onnx: Path,
+    settings: EngineSettings,
+    spec: Preprocess,
+    nms: NMSSettings,
+    class_names: list[str],
+    skipped_layers: list[str],
+    fixed_batch: int | None = None,
+) -> Path:
+    """Write ``run_dir/DEPLOY.md`` for the run's FP32 and INT8 (TensorRT flavour) ONNX files."""
+    run_dir = Path(run_dir)
+    text = render_deploy_guide(
+        fp32_onnx=Path(fp32_onnx.name),
+        int8_onnx=Path(int8_onnx.name),
+        settings=settings,
+        spec=spec,
+        nms=nms,
+        class_names=class_names,
+        skipped_layers=skipped_layers,
+        fixed_batch=fixed_batch,
+    )
+    path = run_dir / DEPLOY_MD
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return path
+
+
+def render_deploy_guide(
+    *,
+    fp32_onnx: Path,
+    int8_onnx: Path,
+    settings: EngineSettings,
+    spec: Preprocess,
+    nms: NMSSettings,
+    class_names: list[str],
+    skipped_layers: list[str],
+    fixed_batch: int | None = None,
+) -> str:
+    fp16, int8 = replace(settings, precision="fp16"), replace(settings, precision="int8")
+    dla = replace(int8, dla_core=0, gpu_fallback=True, hardware_compatibility="none")
+    if settings.profile is not None:
+        bounds = (settings.profile.min, settings.profile.opt, settings.profile.max)
+        batch = "dynamic batch, min/opt/max " + "/".join(str(shape[0]) for shape in bounds)
+    else:
+        batch = f"fixed batch N = {fixed_batch}"
+    lines = [
+        "# Deploying this run",
+        "",
+        f"Files: `{fp32_onnx}` (FP32 graph, for FP16 engines) and `{int8_onnx}` (INT8 QDQ graph, explicit",
+        "quantization for TensorRT). Build the engine **on the target**: an engine only runs on the TensorRT",
+        "version and GPU architecture that built it (nasquant's `.engine.json` sidecar records both and its",
+        "runner refuses a mismatch in one line).",
+        "",
+        f"Layers kept in floating point in the INT8 graph: {', '.join(f'`{n}`' for n in skipped_layers) or 'none'}.",
+        "",
+        "## T4 / any x86 GPU server with TensorRT's Python package",
+        "",
+        "```bash",
+        "pip install 'nasquant[tensorrt]'",
+        f"nasquant engine build {int8_onnx} --int8   # -> {default_engine_path(int8_onnx, 'int8').name} + .json sidecar",
+        f"nasquant engine build {fp32_onnx} --fp16",
+        f"nasquant val --model {default_engine_path(int8_onnx, 'int8').name} --data <annotations>  # the engine's mAP",
+        f"nasquant bench --model {default_engine_path(int8_onnx, 'int8').name}                # CUDA-event latency",
+        "```",
+        "",
+        "The same engines with `trtexec` (TensorRT 10, weak typing: builder flags allow FP16/INT8):",
+        "",
+        "```bash",
+        _trtexec(int8_onnx, int8, "10"),
+        _trtexec(fp32_onnx, fp16, "10"),
+        "```",
+        "",
+        "TensorRT 11 removed the precision flags: the FP16 parts must be in the graph, written by ModelOpt",
+        "AutoCast (Q/DQ nodes kept), then built strongly typed:",
+        "",
+        "```bash",
+        autocast_command(int8_onnx),
+        _trtexec(int8_onnx, int8, "11"),
+        "```",
+        "",
+        "## Jetson (JetPack 6, TensorRT 10)",
+        "",
+        "Copy the ONNX file to the device and build there (JetPack images often lack TensorRT's Python",
+        "package; `trtexec` is in `/usr/src/tensorrt/bin`). On the GPU:",
+        "",
+        "```bash",
+        _trtexec(int8_onnx, int8, "10"),
+        "```",
+        "",
+        "On a DLA core (Orin), with the layers the DLA cannot run falling back to the GPU:",
+        "",
+        "```bash",
+        _trtexec(int8_onnx, dla, "10"),
+        "```",
+        "",
+        "## Input / output contract",
+        "",
+        f"- input `{INPUT_NAME}`: float32, N x 3 x {spec.imgsz} x {spec.imgsz} ({batch}), RGB, NCHW, values in [0, 1]",
+        f"- output `{OUTPUT_NAMES[0]}`: float32, N x A x 4, boxes as x1, y1, x2, y2 in input-image pixels",
+        f"- output `{OUTPUT_NAMES[1]}`: float32, N x A x {len(class_names)}, per-class probabilities (sigmoid applied)",
+        "",
+        "## Pre-processing (reproduce exactly: mAP depends on it)",
+        "",
+        "1. Decode to RGB uint8 (OpenCV decodes BGR: convert).",
+        f"2. Scale so the longer side is {spec.resize} px, keeping the aspect ratio: "
+        f"`scale = min({spec.resize} / h, {spec.resize} / w)`, new size "
+        + (
+            "`int(h * scale) x int(w * scale)` (rounded down)"
+            if spec.rounding == "floor"
+            else "`round(h * scale) x round(w * scale)`"
+        )
+        + ", bilinear (`cv2.INTER_LINEAR`).",
+        f"3. Pad to {spec.imgsz} x {spec.imgsz} with value {spec.pad_value} on all channels, image centred: "
+        f"`top = ({spec.imgsz} - new_h) / 2`, `left = ({spec.imgsz} - new_w) / 2` (integer division).",
+        "4. HWC -> CHW, float32, divide by 255.",
+        "",
+        "## Post-processing",
+        "",
+        f"1. Candidates: every (anchor, class) pair with probability > {nms.conf}"
+        + ("" if nms.multi_label else " (best class per anchor only)")
+        + f"; keep the {nms.top_k} highest.",
+        f"2. Class-aware NMS: within a class, a box with IoU > {nms.iou} with a higher-scoring box is dropped.",
+        f"3. Keep at most {nms.max_det} detections, highest score first.",
+        "4. Map boxes to the original image: subtract (left, top), divide x by new_w / w and y by new_h / h,",
+        "   clip to the image.",
+        "",
+        "These are the recipe's validation thresholds: a low conf (0.01) is what mAP needs; an application",
+        "typically shows detections above 0.25-0.5.",
+        "",
+        "## Classes",
+        "",
+        ", ".join(f"{i}: {name}" for i, name in enumerate(class_names)),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _trtexec(onnx_path: Path, settings: EngineSettings, tensorrt_version: str) -> str:
+    engine = default_engine_path(onnx_path, settings.precision)
+    if settings.dla_core is not None:
+        engine = engine.with_name(engine.name.replace(".engine", f".dla{settings.dla_core}.engine"))
+    return trtexec_command(onnx_path, engine, settings, tensorrt_version=tensorrt_version)

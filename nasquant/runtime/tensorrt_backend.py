@@ -1,0 +1,143 @@
+"""TensorRT engine runner behind the common :class:`~nasquant.runtime.Backend` interface.
+
+TensorRT 10's I/O tensor API: tensors are bound by name (``set_input_shape`` /
+``set_tensor_address``) and the engine runs with ``execute_async_v3`` on one CUDA stream. Device and
+pinned host buffers come from NVIDIA's ``cuda-python`` runtime bindings (:mod:`nasquant.cuda`), sized once for the largest
+batch the engine accepts. :meth:`TensorRTBackend.timed_run` measures with CUDA events on that
+stream (copy in, execute, copy out), not with the host clock.
+
+Before deserializing, the engine's sidecar is checked against this machine (TensorRT version, GPU
+architecture, engine hash), so a mismatch is one clear line instead of a deserialization error.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nasquant.cuda import CudaRuntime
+from nasquant.errors import NasquantError
+from nasquant.export.onnx import INPUT_NAME, OUTPUT_NAMES
+from nasquant.export.sidecar import EngineSidecar
+from nasquant.export.tensorrt import import_tensorrt
+from nasquant.runtime.base import Backend
+
+
+class TensorRTBackend(Backend):
+    """Runs a ``.engine`` built by nasquant (it reads the ``.engine.json`` sidecar beside it)."""
+
+    name = "tensorrt"
+
+    def __init__(self, engine_path: str | os.PathLike, *, device: int = 0) -> None:
+        self.path = Path(engine_path)
+        if not self.path.is_file():
+            raise NasquantError(f"{self.path}: no such engine file")
+        self.sidecar = EngineSidecar.read(self.path)
+        trt = import_tensorrt()
+        self.cuda = CudaRuntime()
+        gpu_name, capability = self.cuda.device(device)
+        self.sidecar.check_runtime(
+            self.path, tensorrt_version=trt.__version__, gpu_name=gpu_name, compute_capability=capability
+        )
+        self.precision = self.sidecar.precision
+        self.device = f"cuda:{device}"
+        self.cuda.check(self.cuda.rt.cudaSetDevice(device))
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.engine = runtime.deserialize_cuda_engine(self.path.read_bytes())
+        if self.engine is None:
+            raise NasquantError(f"{self.path}: TensorRT could not deserialize the engine")
+        self.context = self.engine.create_execution_context()
+        self.stream = self.cuda.check(self.cuda.rt.cudaStreamCreate())
+        self.start, self.end = (self.cuda.check(self.cuda.rt.cudaEventCreate()) for _ in range(2))
+        self.metadata: dict[str, str] = dict(self.sidecar.onnx_metadata)
+        self.input_size: int | None = self.sidecar.input_size
+        self.max_batch = self._max_batch(trt)
+        #: the engine's fixed batch, or None for a dynamic-batch engine (the ONNX backend's meaning)
+        self.batch_size: int | None = (
+            self.max_batch if self.engine.get_tensor_shape(INPUT_NAME)[0] >= 0 else None
+        )
+        self.buffers: dict[str, _Buffer] = {}
+        for index in range(self.engine.num_io_tensors):
+            name = self.engine.get_tensor_name(index)
+            shape = [self.max_batch if d < 0 else int(d) for d in self.engine.get_tensor_shape(name)]
+            dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(name)))
+            self.buffers[name] = _Buffer(self.cuda, shape, dtype)
+            self.context.set_tensor_address(name, self.buffers[name].device)
+        missing = {INPUT_NAME, *OUTPUT_NAMES} - self.buffers.keys()
+        if missing:
+            raise NasquantError(f"{self.path}: engine lacks the tensors {', '.join(sorted(missing))}")
+
+    def _max_batch(self, trt: Any) -> int:
+        shape = self.engine.get_tensor_shape(INPUT_NAME)
+        if shape[0] >= 0:
+            return int(shape[0])
+        # dynamic batch: the profile's maximum (profile 0, the one nasquant builds)
+        return int(self.engine.get_tensor_profile_shape(INPUT_NAME, 0)[2][0])
+
+    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        boxes, scores, _ = self._execute(images, timed=False)
+        return boxes, scores
+
+    def timed_run(self, images: np.ndarray) -> int:
+        """Nanoseconds between CUDA events around copy-in, execution and copy-out on the stream."""
+        return self._execute(images, timed=True)[2]
+
+    def _execute(self, images: np.ndarray, *, timed: bool) -> tuple[np.ndarray, np.ndarray, int]:
+        images = np.ascontiguousarray(images, dtype=self.buffers[INPUT_NAME].dtype)
+        count = images.shape[0]
+        if not 1 <= count <= self.max_batch:
+            raise NasquantError(f"{self.path.name} takes batches of 1 to {self.max_batch}, got {count}")
+        if self.batch_size is not None and count < self.batch_size:
+            # a fixed-batch engine runs its whole batch: pad, then drop the padding's outputs
+            padding = np.zeros((self.batch_size - count, *images.shape[1:]), dtype=images.dtype)
+            images = np.concatenate([images, padding])
+        rt, stream = self.cuda.rt, self.stream
+        self.context.set_input_shape(INPUT_NAME, images.shape)
+        if timed:
+            self.cuda.check(rt.cudaEventRecord(self.start, stream))
+        self.buffers[INPUT_NAME].upload(images, stream)
+        if not self.context.execute_async_v3(int(stream)):
+            raise NasquantError(f"{self.path.name}: TensorRT execution failed")
+        outputs = []
+        for name in OUTPUT_NAMES:
+            shape = tuple(self.context.get_tensor_shape(name))
+            outputs.append(self.buffers[name].download(shape, stream))
+        if timed:
+            self.cuda.check(rt.cudaEventRecord(self.end, stream))
+        self.cuda.check(rt.cudaStreamSynchronize(stream))
+        elapsed_ns = 0
+        if timed:
+            elapsed_ns = int(self.cuda.check(rt.cudaEventElapsedTime(self.start, self.end)) * 1e6)
+        boxes, scores = (np.array(view[:count], dtype=np.float32) for view in outputs)  # out of pinned memory
+        return boxes, scores, elapsed_ns
+
+
+class _Buffer:
+    """One tensor's device memory and pinned host mirror, sized for the largest batch."""
+
+    def __init__(self, cuda: CudaRuntime, shape: list[int], dtype: np.dtype) -> None:
+        self.cuda, self.dtype = cuda, dtype
+        self.nbytes = int(np.prod(shape)) * dtype.itemsize
+        self.device = int(cuda.check(cuda.rt.cudaMalloc(self.nbytes)))
+        pinned = int(cuda.check(cuda.rt.cudaMallocHost(self.nbytes)))
+        self.host = np.frombuffer((ctypes.c_byte * self.nbytes).from_address(pinned), dtype=dtype)
+
+    def upload(self, array: np.ndarray, stream: Any) -> None:
+        flat = array.reshape(-1)
+        self.host[: flat.size] = flat
+        self._copy(self.device, self.host.ctypes.data, flat.nbytes, "cudaMemcpyHostToDevice", stream)
+
+    def download(self, shape: tuple[int, ...], stream: Any) -> np.ndarray:
+        size = int(np.prod(shape))
+        self._copy(
+            self.host.ctypes.data, self.device, size * self.dtype.itemsize, "cudaMemcpyDeviceToHost", stream
+        )
+        return self.host[:size].reshape(shape)
+
+    def _copy(self, target: int, source: int, nbytes: int, kind: str, stream: Any) -> None:
+        rt = self.cuda.rt
+        self.cuda.check(rt.cudaMemcpyAsync(target, source, nbytes, getattr(rt.cudaMemcpyKind, kind), stream))
