@@ -1,4 +1,5 @@
-"""``nasquant`` command line: ``info``, ``val``, ``predict``, ``quantize``, ``bench``, ``engine``, ``report``.
+"""``nasquant`` command line: ``info``, ``val``, ``predict``, ``quantize``, ``sensitivity``, ``bench``,
+``engine``, ``report``.
 
 Bad input exits with code 2 and one line on stderr; ``--debug`` shows the traceback instead.
 """
@@ -97,6 +98,23 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="POINTS",
         help="exit 1 when an INT8 row loses more than POINTS mAP50-95 points vs FP32 (e.g. 0.5)",
     )
+
+    sensitivity = commands.add_parser(
+        "sensitivity", help="per-layer INT8 sensitivity of a recipe's model: sensitivity.md/.json/.png"
+    )
+    sensitivity.add_argument("recipe", help="recipe YAML, e.g. recipes/shapes_s_int8.yaml")
+    sensitivity.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe value",
+    )
+    sensitivity.add_argument(
+        "--output", help="run folder (default: output.dir of the recipe, else runs/<name>)"
+    )
+    sensitivity.add_argument("--resume", action="store_true", help="reuse a finished calibration / analysis")
 
     bench = commands.add_parser("bench", help="latency of any model file (.pt/.safetensors/.onnx/.engine)")
     bench.add_argument("--model", required=True, help="checkpoint, .onnx or .engine file")
@@ -284,6 +302,20 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     return _gate(report, points, report["run_dir"])
 
 
+def _cmd_sensitivity(args: argparse.Namespace) -> int:
+    from nasquant.pipeline import run_sensitivity
+    from nasquant.recipe import load_recipe
+
+    result = run_sensitivity(load_recipe(args.recipe, args.overrides), output=args.output, resume=args.resume)
+    print(f"most sensitive (recovery when kept in FP): {', '.join(result['ranked'][:5])}")
+    if result["search"] is not None:
+        search = result["search"]
+        print(
+            f"search: {len(search['chosen'])} layer(s) in FP, mAP drop {search['drop']:+.4f}, budget met: {search['met']}"
+        )
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from nasquant.bench import benchmark, set_threads
 
@@ -373,6 +405,7 @@ COMMANDS = {
     "val": _cmd_val,
     "predict": _cmd_predict,
     "quantize": _cmd_quantize,
+    "sensitivity": _cmd_sensitivity,
     "bench": _cmd_bench,
     "engine": _cmd_engine,
     "report": _cmd_report,

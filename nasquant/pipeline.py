@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
+
 from nasquant import __version__
 from nasquant.api import NAS
 from nasquant.bench import benchmark, host_info, set_threads
@@ -36,9 +38,11 @@ from nasquant.export.tensorrt import (
 )
 from nasquant.io import write_json
 from nasquant.quant import calibrate, keep_in_float, load_calibration, save_calibration
+from nasquant.quant.sensitivity import analyze, search_fp_layers
 from nasquant.recipe import Recipe
 from nasquant.report import ReportRow, artifact_size_mb, load_report, write_report
 from nasquant.report.deploy import write_deploy_guide
+from nasquant.report.sensitivity import SENSITIVITY_JSON, SENSITIVITY_MD, SENSITIVITY_PNG, write_sensitivity
 from nasquant.runtime import Backend, OnnxRuntimeBackend, TensorRTBackend, TorchBackend
 
 Log = Callable[[str], None]
@@ -88,21 +92,8 @@ class Artifact:
     path: Path | None
     skipped_layers: list[str]
     bench_path: Path | None = None
-
-
-def _subset(dataset: DetectionDataset, max_images: int | None) -> DetectionDataset:
-    if max_images is None or max_images >= len(dataset):
-        return dataset
-    keep = set(dataset.image_ids[:max_images])
-    coco = dict(dataset.coco)
-    coco["images"] = [image for image in coco["images"] if image["id"] in keep]
-    coco["annotations"] = [a for a in coco["annotations"] if a["image_id"] in keep]
-    return replace(
-        dataset,
-        image_paths=dataset.image_paths[:max_images],
-        image_ids=dataset.image_ids[:max_images],
-        coco=coco,
-    )
+    fp_reason: str | None = None
+    """Why ``skipped_layers`` are the float layers (recipe list, search result), for the report."""
 
 
 class QuantizePipeline:
@@ -122,6 +113,7 @@ class QuantizePipeline:
         self.cache = StageCache(self.run_dir, resume=resume)
         self.progress = progress
         self.log = log
+        self.fp_reason: str | None = None
 
     def _stage(self, name: str, summary: str, started: float, cached: bool) -> None:
         note = " (reused)" if cached else ""
@@ -131,7 +123,38 @@ class QuantizePipeline:
         recipe = self.recipe
         recipe.dump(self.run_dir / "recipe.resolved.yaml")
         set_threads(recipe.benchmark.threads)
+        nas, spec, model_key, validation, val_subset, nms = self._load()
+        quantized = self._calibrate(nas, spec, validation, model_key)
+        calibrated, skipped = self._select(nas, spec, quantized, validation, val_subset, nms)
+        artifacts = self._export(nas, spec, calibrated, skipped, model_key)
+        engines, skipped_rows = self._engines(artifacts, spec)
+        rows = [self._evaluate(artifact, nas, spec, val_subset, nms) for artifact in artifacts + engines]
+        rows += skipped_rows
+        self._deploy_guide(nas, spec, artifacts, nms)
+        files = write_report(
+            self.run_dir,
+            recipe=self.recipe.to_dict(),
+            host=host_info(ort_threads=recipe.benchmark.threads),
+            rows=rows,
+            title=f"{recipe.name}: FP32 vs INT8 ({nas.variant}, {validation.name})",
+        )
+        self.log(f"[report] {files['md']}")
+        report = load_report(files["json"])
+        report["run_dir"] = str(self.run_dir)
+        return report
 
+    def sensitivity(self) -> dict:
+        """Load, calibrate (reusing a finished calibration) and analyse: the ``nasquant sensitivity`` job."""
+        recipe = self.recipe
+        recipe.dump(self.run_dir / "recipe.resolved.yaml")
+        set_threads(recipe.benchmark.threads)
+        nas, spec, model_key, validation, val_subset, nms = self._load()
+        quantized = self._calibrate(nas, spec, validation, model_key)
+        return self._sensitivity(nas, spec, quantized, validation, val_subset, nms)
+
+    def _load(self):
+        """The fused model, its preprocessing, its cache key, the validation set, its subset and NMS."""
+        recipe = self.recipe
         started = time.perf_counter()
         nas = NAS(
             recipe.resolve_path(recipe.model.checkpoint),
@@ -155,30 +178,14 @@ class QuantizePipeline:
         )
 
         validation = load_dataset(recipe.resolve_path(recipe.validation.data), kind=recipe.validation.format)
-        val_subset = _subset(validation, recipe.validation.max_images)
+        val_subset = validation.first(recipe.validation.max_images)
         nms = NMSSettings(
             conf=recipe.validation.conf,
             iou=recipe.validation.iou,
             top_k=recipe.validation.top_k,
             max_det=recipe.validation.max_det,
         )
-        calibrated, skipped = self._calibrate(nas, spec, validation, model_key)
-        artifacts = self._export(nas, spec, calibrated, skipped, model_key)
-        engines, skipped_rows = self._engines(artifacts, spec)
-        rows = [self._evaluate(artifact, nas, spec, val_subset, nms) for artifact in artifacts + engines]
-        rows += skipped_rows
-        self._deploy_guide(nas, spec, artifacts, nms)
-        files = write_report(
-            self.run_dir,
-            recipe=recipe.to_dict(),
-            host=host_info(ort_threads=recipe.benchmark.threads),
-            rows=rows,
-            title=f"{recipe.name}: FP32 vs INT8 ({nas.variant}, {validation.name})",
-        )
-        self.log(f"[report] {files['md']}")
-        report = load_report(files["json"])
-        report["run_dir"] = str(self.run_dir)
-        return report
+        return nas, spec, model_key, validation, val_subset, nms
 
     def _calibrate(self, nas: NAS, spec, validation: DetectionDataset, model_key: str):
         recipe, section = self.recipe, self.recipe.calibration
@@ -222,9 +229,81 @@ class QuantizePipeline:
             )
             self.cache.put("calibrate", key, {"images": [str(p) for p in chosen.image_paths]})
         self._stage("calibrate", f"{len(chosen)} images, {section.method}", started, cached)
-        selective, skipped = keep_in_float(quantized, recipe.quantization.skip)
+        return quantized
+
+    def _select(self, nas: NAS, spec, quantized, validation, val_subset, nms):
+        """The layers kept in floating point: the recipe's patterns, or the sensitivity search's choice
+        (written back into the resolved recipe, so a rerun reproduces it without searching)."""
+        section = self.recipe.quantization
+        if section.skip == "auto":
+            search = self._sensitivity(nas, spec, quantized, validation, val_subset, nms)["search"]
+            self.recipe = replace(self.recipe, quantization=replace(section, skip=list(search["chosen"])))
+            self.recipe.dump(self.run_dir / "recipe.resolved.yaml")
+            budget = f"mAP drop {search['drop']:+.4f} ({'within' if search['met'] else 'NOT within'} budget)"
+            self.fp_reason = f"chosen by the sensitivity search: {budget}; see sensitivity.md"
+        else:
+            self.fp_reason = "from the recipe's quantization.skip"
+        selective, skipped = keep_in_float(quantized, self.recipe.quantization.skip)
         self.log(f"[select] kept in floating point ({len(skipped)}): {', '.join(skipped) or 'none'}")
         return (quantized, selective), skipped
+
+    def _sensitivity(self, nas: NAS, spec, quantized, validation, val_subset, nms) -> dict:
+        """Per-layer sensitivity (and, for ``skip: auto``, the search), with the three evidence files."""
+        recipe, section = self.recipe, self.recipe.quantization
+        started = time.perf_counter()
+        sample = select_calibration_images(
+            validation,
+            num_images=min(section.sensitivity_images, len(validation)),
+            seed=recipe.calibration.seed,
+        )
+        key = _hash(
+            self.cache.entries.get("calibrate", {}).get("key"),
+            recipe.section_hash("quantization", "validation"),
+            [p.name for p in sample.image_paths],
+        )
+        outputs = [self.run_dir / name for name in (SENSITIVITY_JSON, SENSITIVITY_MD, SENSITIVITY_PNG)]
+        result = self.cache.get("sensitivity", key, outputs)
+        cached = result is not None
+        if not cached:
+            images = np.concatenate(
+                [b.images for b in iter_batches(sample, spec, recipe.validation.batch_size)]
+            )
+
+            def evaluate(model) -> float:
+                backend = TorchBackend(model, device="cpu")
+                batch = recipe.validation.batch_size
+                return validate(backend, val_subset, spec, nms=nms, batch_size=batch, progress=False)[
+                    "map50_95"
+                ]
+
+            analysis = analyze(
+                nas.model,
+                quantized,
+                images,
+                evaluate=evaluate,
+                top_k=section.sensitivity_top_k,
+                progress=self.progress,
+            )
+            if section.skip == "auto":
+                analysis.search = search_fp_layers(
+                    quantized,
+                    analysis,
+                    evaluate,
+                    max_map_drop=section.max_map_drop,
+                    max_fp_layers=section.max_fp_layers,
+                    log=self.log,
+                )
+            write_sensitivity(self.run_dir, analysis, title=f"{recipe.name}: per-layer INT8 sensitivity")
+            result = self.cache.put(
+                "sensitivity",
+                key,
+                {"ranked": analysis.ranked(), "search": analysis.search, "seconds": analysis.seconds},
+            )
+        summary = f"{len(result['ranked'])} convs on {len(sample)} images, top: {result['ranked'][0]}"
+        if result["search"] is not None:
+            summary += f"; search keeps {len(result['search']['chosen'])} in FP"
+        self._stage("sensitivity", summary, started, cached)
+        return result
 
     def _metadata(
         self, nas: NAS, spec: Preprocess, flavor: str | None, fp_layers: list[str]
@@ -250,6 +329,7 @@ class QuantizePipeline:
             folders[bench_size] = self.run_dir / "bench"
         variants = [("ORT FP32", nas.model, "fp32", "model.fp32", [])]
         variants.append(("ORT INT8 selective", selective, "int8", "model.int8", skipped))
+        reasons = {"model.int8": self.fp_reason, "model.int8-all": "quantize-everything baseline"}
         if recipe.quantization.quantize_all_baseline:
             variants.append(("ORT INT8 all-layers", all_layers, "int8", "model.int8-all", []))
 
@@ -267,6 +347,7 @@ class QuantizePipeline:
                         self.run_dir / file,
                         fp_layers,
                         folders[bench_size] / file,
+                        reasons.get(stem),
                     )
                 )
         outputs = [p for a in artifacts[1:] for p in (a.path, a.bench_path)]
@@ -357,6 +438,7 @@ class QuantizePipeline:
                     engine,
                     source.skipped_layers if precision == "int8" else [],
                     bench[0] if bench else engine,
+                    source.fp_reason if precision == "int8" else None,
                 )
             )
         return engines, []
@@ -444,6 +526,8 @@ class QuantizePipeline:
             started,
             cached,
         )
+        if artifact.fp_reason:
+            result = {**result, "extra": {**result["extra"], "fp_reason": artifact.fp_reason}}
         return ReportRow(
             name=artifact.name,
             backend=artifact.backend,
@@ -465,3 +549,15 @@ def run_quantize(
 ) -> dict:
     """Run the whole pipeline for ``recipe``; return the report dict (``report.json`` plus ``run_dir``)."""
     return QuantizePipeline(recipe, output=output, resume=resume, progress=progress, log=log).run()
+
+
+def run_sensitivity(
+    recipe: Recipe,
+    *,
+    output: str | os.PathLike | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    log: Log = print,
+) -> dict:
+    """Calibrate ``recipe``'s model and write its per-layer sensitivity evidence into the run folder."""
+    return QuantizePipeline(recipe, output=output, resume=resume, progress=progress, log=log).sensitivity()

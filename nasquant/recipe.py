@@ -141,8 +141,23 @@ class QuantizationSection:
 
     per_channel_weights: bool = True
     """Per-output-channel weight scales (what TensorRT's explicit quantization expects)."""
-    skip: list[str] = _constrained(factory=list, unique=True)
-    """Module-name glob patterns kept in floating point, e.g. ``heads.*.cls_pred``."""
+    skip: list[str] | Literal["auto"] = _constrained(factory=list, unique=True)
+    """Module-name glob patterns kept in floating point, e.g. ``heads.*.cls_pred``; or ``auto``: the
+    smallest set the sensitivity search finds within ``max_map_drop`` / ``max_fp_layers``."""
+    max_map_drop: float | None = _constrained(None, ge=0, le=1)
+    """With ``skip: auto``: the mAP50-95 (a fraction, 0.003 = 0.3 points) INT8 may lose vs FP32."""
+    max_fp_layers: int | None = _constrained(None, ge=0)
+    """With ``skip: auto``: at most this many layers in floating point."""
+    sensitivity_images: int = _constrained(16, ge=1)
+    """Validation images the per-layer SQNR is measured on (the analysis cost is linear in it)."""
+    sensitivity_top_k: int = _constrained(8, ge=0)
+    """Layers (by recovery) that also get a real mAP in the sensitivity analysis."""
+
+    def _cross_checks(self) -> list[tuple[str, str]]:
+        if self.skip == "auto" and self.max_map_drop is None and self.max_fp_layers is None:
+            return [("skip", "auto needs a budget: set max_map_drop and/or max_fp_layers")]
+        return []
+
     quantize_all_baseline: bool = True
     """Also build the "quantize everything" model, as a report row that shows what ``skip`` buys."""
 
@@ -512,8 +527,22 @@ def _convert(value: Any, hint: Any, key: str, context: _Context) -> Any:
     if origin in (Union, UnionType):
         if value is None:
             return None
-        (inner,) = (arg for arg in args if arg is not NoneType)
-        return _convert(value, inner, key, context)
+        alternatives = [arg for arg in args if arg is not NoneType]
+        if len(alternatives) == 1:
+            return _convert(value, alternatives[0], key, context)
+        # e.g. ``list[str] | Literal["auto"]``: a list value is checked as the list alternative (its
+        # error names the bad item); anything else against each alternative in turn.
+        if isinstance(value, list):
+            listed = [arg for arg in alternatives if get_origin(arg) is list]
+            if len(listed) == 1:
+                return _convert(value, listed[0], key, context)
+        problems = []
+        for alternative in alternatives:
+            try:
+                return _convert(value, alternative, key, context)
+            except NasquantError as exc:
+                problems.append(str(exc).rsplit(": ", 1)[-1])
+        raise context.error(key, " or ".join(problems))
     if origin is list:
         if not isinstance(value, list):
             raise context.error(key, f"expected a list, got {_describe(value)}")

@@ -163,3 +163,22 @@ def test_the_deploy_guide_hands_off_commands_and_the_io_contract(run_dir: Path) 
     assert any("--useDLACore" in line for line in trtexec_lines)  # the Jetson DLA variant
     for fact in ("N x 3 x 320 x 320", "divide by 255", "value 114", "IoU > 0.7", "0: "):
         assert fact in guide, fact
+
+
+def test_skip_auto_searches_and_records_its_choice(tmp_path: Path) -> None:
+    output = tmp_path / "auto"
+    budget = ["quantization.skip=auto", "quantization.max_map_drop=0.5", "quantization.max_fp_layers=2"]
+    cheap = ["quantization.sensitivity_images=2", "quantization.sensitivity_top_k=1", "engines.enabled=false"]
+    assert _quantize(output, *budget, *cheap) == 0
+    for name in ("sensitivity.json", "sensitivity.md", "sensitivity.png"):
+        assert (output / name).stat().st_size > 0, name
+    evidence = json.loads((output / "sensitivity.json").read_text())
+    assert len(evidence["layers"]) == 100 and evidence["search"]["met"]
+    # A budget the all-INT8 model meets: nothing in FP, and the resolved recipe says so explicitly,
+    # so rerunning it reproduces the choice without searching.
+    resolved = yaml.safe_load((output / "recipe.resolved.yaml").read_text())
+    assert resolved["quantization"]["skip"] == evidence["search"]["chosen"] == []
+    rows = {row["name"]: row for row in json.loads((output / "report.json").read_text())["rows"]}
+    selective = rows["ORT INT8 selective"]
+    assert selective["skipped_layers"] == [] and "sensitivity search" in selective["extra"]["fp_reason"]
+    assert "chosen by the sensitivity search" in (output / "report.md").read_text()

@@ -355,6 +355,9 @@ MINIMAL = "model:\n  checkpoint: a.pt\n"
         (MINIMAL, ("calibration.method=maxx",), "--set calibration.method: 'maxx' is not one of max,"),
         (MINIMAL, ("input.size=big",), "--set input.size: expected an integer, got 'big'"),
         (MINIMAL, ("quantization.skip=heads.*",), "--set quantization.skip: expected a list, got 'heads.*'"),
+        (MINIMAL, ("quantization.skip=heads.*",), "or 'heads.*' is not one of auto"),
+        (MINIMAL, ("quantization.skip=auto",), "quantization.skip: auto needs a budget: set max_map_drop"),
+        (MINIMAL, ("quantization.max_map_drop=2",), "quantization.max_map_drop: must be at most 1, got 2"),
         (MINIMAL, ("calibration={methd: max}",), "unknown key 'calibration.methd' in --set"),
         (
             MINIMAL,

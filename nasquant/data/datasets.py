@@ -12,7 +12,7 @@ import os
 import re
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import cv2
@@ -45,6 +45,21 @@ class DetectionDataset:
 
     def __len__(self) -> int:
         return len(self.image_paths)
+
+    def first(self, count: int | None) -> DetectionDataset:
+        """The first ``count`` images (all for None) with only their ground truth, so that COCO
+        evaluation scores exactly the images that were run."""
+        if count is None or count >= len(self):
+            return self
+        keep = set(self.image_ids[:count])
+        coco = None
+        if self.coco is not None:
+            coco = dict(self.coco)
+            coco["images"] = [image for image in coco["images"] if image["id"] in keep]
+            coco["annotations"] = [a for a in coco["annotations"] if a["image_id"] in keep]
+        return replace(
+            self, image_paths=self.image_paths[:count], image_ids=self.image_ids[:count], coco=coco
+        )
 
 
 @dataclass

@@ -157,7 +157,8 @@ def render_markdown(report: dict[str, Any], title: str) -> str:
                 if layers
                 else "none (every quantizable layer is INT8)"
             )
-            lines.append(f"- {label}: {kept}")
+            reason = (row.get("extra") or {}).get("fp_reason")
+            lines.append(f"- {label}: {kept}" + (f" ({reason})" if reason else ""))
         lines.append("")
 
     skipped = [row for row in rows if str(row.get("status", "")).startswith(SKIPPED_PREFIX)]
