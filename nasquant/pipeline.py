@@ -38,11 +38,11 @@ from nasquant.export.tensorrt import (
 )
 from nasquant.io import write_json
 from nasquant.quant import calibrate, keep_in_float, load_calibration, save_calibration
-from nasquant.quant.sensitivity import analyze, search_fp_layers
+from nasquant.quant.sensitivity import SensitivityResult, analyze, search_fp_layers
 from nasquant.recipe import Recipe
 from nasquant.report import ReportRow, artifact_size_mb, load_report, write_report
 from nasquant.report.deploy import write_deploy_guide
-from nasquant.report.sensitivity import SENSITIVITY_JSON, SENSITIVITY_MD, SENSITIVITY_PNG, write_sensitivity
+from nasquant.report.sensitivity import SENSITIVITY_JSON, write_sensitivity
 from nasquant.runtime import Backend, OnnxRuntimeBackend, TensorRTBackend, TorchBackend
 
 Log = Callable[[str], None]
@@ -248,7 +248,10 @@ class QuantizePipeline:
         return (quantized, selective), skipped
 
     def _sensitivity(self, nas: NAS, spec, quantized, validation, val_subset, nms) -> dict:
-        """Per-layer sensitivity (and, for ``skip: auto``, the search), with the three evidence files."""
+        """Per-layer sensitivity (and, for ``skip: auto``, the search), with the three evidence files.
+
+        Analysis and search are cached apart: a new budget reuses the measured layers.
+        """
         recipe, section = self.recipe, self.recipe.quantization
         started = time.perf_counter()
         sample = select_calibration_images(
@@ -258,24 +261,25 @@ class QuantizePipeline:
         )
         key = _hash(
             self.cache.entries.get("calibrate", {}).get("key"),
-            recipe.section_hash("quantization", "validation"),
+            section.sensitivity_images,
+            section.sensitivity_top_k,
+            recipe.section_hash("validation"),
             [p.name for p in sample.image_paths],
         )
-        outputs = [self.run_dir / name for name in (SENSITIVITY_JSON, SENSITIVITY_MD, SENSITIVITY_PNG)]
-        result = self.cache.get("sensitivity", key, outputs)
-        cached = result is not None
-        if not cached:
+
+        def evaluate(model) -> float:
+            backend = TorchBackend(model, device="cpu")
+            batch = recipe.validation.batch_size
+            return validate(backend, val_subset, spec, nms=nms, batch_size=batch, progress=False)["map50_95"]
+
+        evidence = self.run_dir / SENSITIVITY_JSON
+        cached = self.cache.get("sensitivity", key, [evidence]) is not None
+        if cached:
+            analysis = SensitivityResult.from_dict(json.loads(evidence.read_text()))
+        else:
             images = np.concatenate(
                 [b.images for b in iter_batches(sample, spec, recipe.validation.batch_size)]
             )
-
-            def evaluate(model) -> float:
-                backend = TorchBackend(model, device="cpu")
-                batch = recipe.validation.batch_size
-                return validate(backend, val_subset, spec, nms=nms, batch_size=batch, progress=False)[
-                    "map50_95"
-                ]
-
             analysis = analyze(
                 nas.model,
                 quantized,
@@ -284,26 +288,36 @@ class QuantizePipeline:
                 top_k=section.sensitivity_top_k,
                 progress=self.progress,
             )
-            if section.skip == "auto":
-                analysis.search = search_fp_layers(
-                    quantized,
-                    analysis,
-                    evaluate,
-                    max_map_drop=section.max_map_drop,
-                    max_fp_layers=section.max_fp_layers,
-                    log=self.log,
-                )
-            write_sensitivity(self.run_dir, analysis, title=f"{recipe.name}: per-layer INT8 sensitivity")
-            result = self.cache.put(
-                "sensitivity",
-                key,
-                {"ranked": analysis.ranked(), "search": analysis.search, "seconds": analysis.seconds},
-            )
-        summary = f"{len(result['ranked'])} convs on {len(sample)} images, top: {result['ranked'][0]}"
-        if result["search"] is not None:
-            summary += f"; search keeps {len(result['search']['chosen'])} in FP"
+            self.cache.put("sensitivity", key, {"ranked": analysis.ranked(), "seconds": analysis.seconds})
+        ranked = analysis.ranked()
+        summary = f"{len(ranked)} convs on {len(sample)} images, top: {ranked[0]}"
         self._stage("sensitivity", summary, started, cached)
-        return result
+
+        analysis.search = None
+        if section.skip == "auto":
+            started = time.perf_counter()
+            search_key = _hash(key, section.max_map_drop, section.max_fp_layers)
+            analysis.search = self.cache.get("search", search_key)
+            searched = analysis.search is not None
+            if not searched:
+                analysis.search = self.cache.put(
+                    "search",
+                    search_key,
+                    search_fp_layers(
+                        quantized,
+                        analysis,
+                        evaluate,
+                        max_map_drop=section.max_map_drop,
+                        max_fp_layers=section.max_fp_layers,
+                        log=self.log,
+                    ),
+                )
+            chosen = analysis.search["chosen"]
+            self._stage(
+                "search", f"{len(chosen)} layer(s) in FP, met: {analysis.search['met']}", started, searched
+            )
+        write_sensitivity(self.run_dir, analysis, title=f"{recipe.name}: per-layer INT8 sensitivity")
+        return {"ranked": ranked, "search": analysis.search, "seconds": analysis.seconds}
 
     def _metadata(
         self, nas: NAS, spec: Preprocess, flavor: str | None, fp_layers: list[str]

@@ -165,7 +165,7 @@ def test_the_deploy_guide_hands_off_commands_and_the_io_contract(run_dir: Path) 
         assert fact in guide, fact
 
 
-def test_skip_auto_searches_and_records_its_choice(tmp_path: Path) -> None:
+def test_skip_auto_searches_and_records_its_choice(tmp_path: Path, capsys) -> None:
     output = tmp_path / "auto"
     budget = ["quantization.skip=auto", "quantization.max_map_drop=0.5", "quantization.max_fp_layers=2"]
     cheap = ["quantization.sensitivity_images=2", "quantization.sensitivity_top_k=1", "engines.enabled=false"]
@@ -182,3 +182,13 @@ def test_skip_auto_searches_and_records_its_choice(tmp_path: Path) -> None:
     selective = rows["ORT INT8 selective"]
     assert selective["skipped_layers"] == [] and "sensitivity search" in selective["extra"]["fp_reason"]
     assert "chosen by the sensitivity search" in (output / "report.md").read_text()
+    # A new budget reuses the measured layers and only searches again.
+    capsys.readouterr()
+    assert _quantize(output, *budget[:2], "quantization.max_fp_layers=1", *cheap, resume=True) == 0
+    log = capsys.readouterr().out
+    assert "[sensitivity]" in log and next(
+        line for line in log.splitlines() if line.startswith("[sensitivity]")
+    ).endswith("(reused)")
+    assert not next(
+        line for line in log.splitlines() if line.startswith("[search] 0 layer(s) in FP,")
+    ).endswith("(reused)")

@@ -75,6 +75,15 @@ class SensitivityResult:
     def ranked(self) -> list[str]:
         return [layer.name for layer in self.layers]
 
+    @classmethod
+    def from_dict(cls, payload: dict) -> SensitivityResult:
+        """Back from :meth:`to_dict` (``sensitivity.json``)."""
+        layers = [
+            LayerSensitivity(**{k: v for k, v in entry.items() if k != "damage_db"})
+            for entry in payload["layers"]
+        ]
+        return cls(**{**payload, "layers": layers})
+
     def to_dict(self) -> dict:
         payload = asdict(self)
         for layer, entry in zip(self.layers, payload["layers"], strict=True):
