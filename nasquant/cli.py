@@ -78,19 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     quantize = commands.add_parser(
         "quantize", help="recipe → calibrated INT8 + FP32 ONNX, validated, benchmarked, report"
     )
-    quantize.add_argument("recipe", help="recipe YAML, e.g. recipes/shapes_s_int8.yaml")
-    quantize.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a recipe value, e.g. --set calibration.num_images=128 (repeatable)",
-    )
-    quantize.add_argument("--output", help="run folder (default: output.dir of the recipe, else runs/<name>)")
-    quantize.add_argument(
-        "--resume", action="store_true", help="reuse finished stages whose inputs hash the same"
-    )
+    _add_recipe_arguments(quantize)
     quantize.add_argument(
         "--fail-on-drop",
         type=float,
@@ -102,19 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     sensitivity = commands.add_parser(
         "sensitivity", help="per-layer INT8 sensitivity of a recipe's model: sensitivity.md/.json/.png"
     )
-    sensitivity.add_argument("recipe", help="recipe YAML, e.g. recipes/shapes_s_int8.yaml")
-    sensitivity.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a recipe value",
-    )
-    sensitivity.add_argument(
-        "--output", help="run folder (default: output.dir of the recipe, else runs/<name>)"
-    )
-    sensitivity.add_argument("--resume", action="store_true", help="reuse a finished calibration / analysis")
+    _add_recipe_arguments(sensitivity)
 
     bench = commands.add_parser("bench", help="latency of any model file (.pt/.safetensors/.onnx/.engine)")
     bench.add_argument("--model", required=True, help="checkpoint, .onnx or .engine file")
@@ -152,6 +128,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="exit 1 when an INT8 row of any run loses more than POINTS mAP50-95 points vs FP32",
     )
     return parser
+
+
+def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
+    """The recipe, its overrides, the run folder and resuming: shared by ``quantize`` and ``sensitivity``."""
+    parser.add_argument("recipe", help="recipe YAML, e.g. recipes/shapes_s_int8.yaml")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe value, e.g. --set calibration.num_images=128 (repeatable)",
+    )
+    parser.add_argument("--output", help="run folder (default: output.dir of the recipe, else runs/<name>)")
+    parser.add_argument(
+        "--resume", action="store_true", help="reuse finished stages whose inputs hash the same"
+    )
 
 
 def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:

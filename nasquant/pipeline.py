@@ -30,6 +30,7 @@ from nasquant.export import export_onnx, write_cpu_flavor
 from nasquant.export import onnx as onnx_keys
 from nasquant.export.sidecar import sidecar_path
 from nasquant.export.tensorrt import (
+    EngineSettings,
     EngineSource,
     build_engine,
     default_engine_path,
@@ -41,7 +42,7 @@ from nasquant.quant import calibrate, keep_in_float, load_calibration, save_cali
 from nasquant.quant.sensitivity import SensitivityResult, analyze, search_fp_layers
 from nasquant.recipe import Recipe
 from nasquant.report import ReportRow, artifact_size_mb, load_report, write_report
-from nasquant.report.deploy import write_deploy_guide
+from nasquant.report.deploy import render_deploy_guide, write_deploy_guide
 from nasquant.report.sensitivity import SENSITIVITY_JSON, write_sensitivity
 from nasquant.runtime import Backend, OnnxRuntimeBackend, TensorRTBackend, TorchBackend
 
@@ -113,7 +114,6 @@ class QuantizePipeline:
         self.cache = StageCache(self.run_dir, resume=resume)
         self.progress = progress
         self.log = log
-        self.fp_reason: str | None = None
 
     def _stage(self, name: str, summary: str, started: float, cached: bool) -> None:
         note = " (reused)" if cached else ""
@@ -125,9 +125,9 @@ class QuantizePipeline:
         set_threads(recipe.benchmark.threads)
         nas, spec, model_key, validation, val_subset, nms = self._load()
         quantized = self._calibrate(nas, spec, validation, model_key)
-        calibrated, skipped = self._select(nas, spec, quantized, validation, val_subset, nms)
-        artifacts = self._export(nas, spec, calibrated, skipped, model_key)
-        engines, skipped_rows = self._engines(artifacts, spec)
+        calibrated, skipped, fp_reason = self._select(nas, spec, quantized, validation, val_subset, nms)
+        artifacts = self._export(nas, spec, calibrated, skipped, fp_reason, model_key)
+        engines, skipped_rows = self._engines(artifacts)
         rows = [self._evaluate(artifact, nas, spec, val_subset, nms) for artifact in artifacts + engines]
         rows += skipped_rows
         self._deploy_guide(nas, spec, artifacts, nms)
@@ -232,20 +232,20 @@ class QuantizePipeline:
         return quantized
 
     def _select(self, nas: NAS, spec, quantized, validation, val_subset, nms):
-        """The layers kept in floating point: the recipe's patterns, or the sensitivity search's choice
-        (written back into the resolved recipe, so a rerun reproduces it without searching)."""
+        """The layers kept in floating point, and why: the recipe's patterns, or the sensitivity search's
+        choice (written back into the resolved recipe, so a rerun reproduces it without searching)."""
         section = self.recipe.quantization
         if section.skip == "auto":
             search = self._sensitivity(nas, spec, quantized, validation, val_subset, nms)["search"]
             self.recipe = replace(self.recipe, quantization=replace(section, skip=list(search["chosen"])))
             self.recipe.dump(self.run_dir / "recipe.resolved.yaml")
             budget = f"mAP drop {search['drop']:+.4f} ({'within' if search['met'] else 'NOT within'} budget)"
-            self.fp_reason = f"chosen by the sensitivity search: {budget}; see sensitivity.md"
+            fp_reason = f"chosen by the sensitivity search: {budget}; see sensitivity.md"
         else:
-            self.fp_reason = "from the recipe's quantization.skip"
+            fp_reason = "from the recipe's quantization.skip"
         selective, skipped = keep_in_float(quantized, self.recipe.quantization.skip)
         self.log(f"[select] kept in floating point ({len(skipped)}): {', '.join(skipped) or 'none'}")
-        return (quantized, selective), skipped
+        return (quantized, selective), skipped, fp_reason
 
     def _sensitivity(self, nas: NAS, spec, quantized, validation, val_subset, nms) -> dict:
         """Per-layer sensitivity (and, for ``skip: auto``, the search), with the three evidence files.
@@ -332,7 +332,9 @@ class QuantizePipeline:
             onnx_keys.KEY_FP_LAYERS: json.dumps(fp_layers),
         }
 
-    def _export(self, nas: NAS, spec, calibrated, skipped: list[str], model_key: str) -> list[Artifact]:
+    def _export(
+        self, nas: NAS, spec, calibrated, skipped: list[str], fp_reason: str, model_key: str
+    ) -> list[Artifact]:
         recipe = self.recipe
         started = time.perf_counter()
         all_layers, selective = calibrated
@@ -343,7 +345,7 @@ class QuantizePipeline:
             folders[bench_size] = self.run_dir / "bench"
         variants = [("ORT FP32", nas.model, "fp32", "model.fp32", [])]
         variants.append(("ORT INT8 selective", selective, "int8", "model.int8", skipped))
-        reasons = {"model.int8": self.fp_reason, "model.int8-all": "quantize-everything baseline"}
+        reasons = {"model.int8": fp_reason, "model.int8-all": "quantize-everything baseline"}
         if recipe.quantization.quantize_all_baseline:
             variants.append(("ORT INT8 all-layers", all_layers, "int8", "model.int8-all", []))
 
@@ -402,7 +404,7 @@ class QuantizePipeline:
         if precision == "int8":
             write_cpu_flavor(target, stem.with_name(f"{stem.name}.cpu.onnx"))
 
-    def _engines(self, artifacts: list[Artifact], spec: Preprocess) -> tuple[list[Artifact], list[ReportRow]]:
+    def _engines(self, artifacts: list[Artifact]) -> tuple[list[Artifact], list[ReportRow]]:
         """TensorRT engines built from the exported graphs (FP16/FP32 from the FP32 graph, INT8 from the
         selective QDQ graph), or one skipped row per precision saying why none could be built here."""
         section = self.recipe.engines
@@ -431,15 +433,7 @@ class QuantizePipeline:
             cached = self.cache.get(stage, key, outputs) is not None
             if not cached:
                 for onnx, engine in pairs.items():
-                    geometry = EngineSource.inspect(onnx)
-                    settings = engine_settings(
-                        section,
-                        precision=precision,
-                        imgsz=geometry.imgsz,
-                        batch=geometry.batch or self.recipe.input.batch,
-                        dynamic_batch=geometry.batch is None,
-                    )
-                    build_engine(onnx, engine, settings, log=self.log)
+                    build_engine(onnx, engine, self._engine_settings(onnx, precision)[0], log=self.log)
                 self.cache.put(stage, key, {"engines": [str(p) for p in pairs.values()]})
             self._stage(stage, f"{', '.join(p.name for p in pairs.values())}", started, cached)
             engine, *bench = pairs.values()
@@ -457,29 +451,33 @@ class QuantizePipeline:
             )
         return engines, []
 
+    def _engine_settings(self, onnx_path: Path, precision: str) -> tuple[EngineSettings, EngineSource]:
+        """The recipe's engine settings for one exported graph (its size and batch kind decide the profile)."""
+        source = EngineSource.inspect(onnx_path)
+        settings = engine_settings(
+            self.recipe.engines,
+            precision=precision,
+            imgsz=source.imgsz,
+            batch=source.batch or self.recipe.input.batch,
+            dynamic_batch=source.batch is None,
+        )
+        return settings, source
+
     def _deploy_guide(self, nas: NAS, spec: Preprocess, artifacts: list[Artifact], nms: NMSSettings) -> None:
         fp32 = next(a for a in artifacts if a.backend == "onnxruntime" and a.precision == "fp32")
         int8 = next(a for a in artifacts if a.flavor == "trt")
-        geometry = EngineSource.inspect(fp32.path)
-        settings = engine_settings(
-            self.recipe.engines,
-            precision="int8",
-            imgsz=geometry.imgsz,
-            batch=geometry.batch or self.recipe.input.batch,
-            dynamic_batch=geometry.batch is None,
-        )
-        path = write_deploy_guide(
-            self.run_dir,
-            fp32_onnx=fp32.path,
-            int8_onnx=int8.path,
+        settings, source = self._engine_settings(fp32.path, "int8")
+        guide = render_deploy_guide(
+            fp32_onnx=Path(fp32.path.name),  # the guide sits beside the files it names
+            int8_onnx=Path(int8.path.name),
             settings=settings,
             spec=spec,
             nms=nms,
             class_names=list(nas.names),
             skipped_layers=int8.skipped_layers,
-            fixed_batch=geometry.batch,
+            fixed_batch=source.batch,
         )
-        self.log(f"[deploy] {path}")
+        self.log(f"[deploy] {write_deploy_guide(self.run_dir, guide)}")
 
     def _backend(self, artifact: Artifact, nas: NAS, path: Path | None) -> Backend:
         if artifact.backend == "torch":

@@ -126,9 +126,7 @@ def _to_uint8_activations(model: onnx.ModelProto) -> None:
     _remove_dead_nodes(graph)  # the int8 zero points no quantizer reads any more
     # A simplifier (onnxslim) records inferred types in value_info: the rewritten quantized
     # tensors are uint8 now, so their stale int8 entries must go before type checking.
-    stale = [info for info in graph.value_info if info.name in retyped]
-    for info in stale:
-        graph.value_info.remove(info)
+    _forget_value_info(graph, retyped)
 
 
 def quantize_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -175,12 +173,8 @@ def _quantize_outputs(model: onnx.ModelProto) -> None:
             if index > 0:
                 inserted.extend(copies)
             inserted.extend(_output_pair(graph, values, taken, copies[-1], quantizer, anchor, readers))
-        added[anchor] = inserted
-    if added:
-        # Keep the node list topologically sorted: new nodes go right after the tensor's producer.
-        ordered = [new for node in graph.node for new in (node, *added.get(node.output[0], ()))]
-        del graph.node[:]
-        graph.node.extend(ordered)
+        added[anchor] = [computed[-1], *inserted]  # new nodes right after the tensor's producer
+    _splice(graph, added)
 
 
 def _copies(computed: list[onnx.NodeProto], taken: set[str]) -> list[onnx.NodeProto]:
@@ -271,23 +265,16 @@ def _pixel_shuffle_upsampling(model: onnx.ModelProto) -> None:
         users = consumers[node.output[0]]
         if block is None or len(users) != 1 or users[0].op_type != "QuantizeLinear":
             continue
-        weight_dq = producers.get(node.input[1])
-        weight_q = producers.get(weight_dq.input[0]) if weight_dq is not None else None
+        weight_q = _constant_quantizer(producers.get(node.input[1]), producers, values)
         if (
-            weight_dq is None
-            or weight_dq.op_type != "DequantizeLinear"
-            or weight_q is None
-            or weight_q.op_type != "QuantizeLinear"
-            or weight_q.input[0] not in values
+            weight_q is None
             or (len(node.input) > 2 and node.input[2] and node.input[2] not in values)
             or (values[weight_q.input[1]].size > 1 and _axis(weight_q) != 1)  # per output channel only
         ):
             continue
         replaced[node.output[0]] = _PixelShuffle(graph, values, taken, node, block).nodes(weight_q, users[0])
     if replaced:
-        ordered = [new for node in graph.node for new in replaced.get(node.output[0], [node])]
-        del graph.node[:]
-        graph.node.extend(ordered)
+        _splice(graph, replaced)
         _remove_dead_nodes(graph)
 
 
@@ -385,7 +372,7 @@ def _space_to_depth_input_convs(model: onnx.ModelProto) -> None:
         info.name: [d.dim_value if d.HasField("dim_value") else None for d in info.type.tensor_type.shape.dim]
         for info in (*onnx.shape_inference.infer_shapes(model).graph.value_info, *graph.input)
     }
-    inserted: dict[str, onnx.NodeProto] = {}  # SpaceToDepth to go before the producer of the key
+    inserted: dict[str, list[onnx.NodeProto]] = {}  # a SpaceToDepth goes right before the input's DQ
     reshaped: set[str] = set()  # tensors whose recorded shapes are stale now
     for node in graph.node:
         if node.op_type != "Conv":
@@ -403,13 +390,14 @@ def _space_to_depth_input_convs(model: onnx.ModelProto) -> None:
             continue
         stride, pads, blocks_weight = blocks
         moved = _unique_name(taken, f"{data_dq.input[0]}_space_to_depth")
-        inserted[data_dq.output[0]] = onnx.helper.make_node(
+        space_to_depth = onnx.helper.make_node(
             "SpaceToDepth",
             [data_dq.input[0]],
             [moved],
             name=_unique_name(taken, f"{node.name or node.output[0]}/SpaceToDepth"),
             blocksize=stride,
         )
+        inserted[data_dq.output[0]] = [space_to_depth, data_dq]
         data_dq.input[0] = moved
         reshaped.update((data_dq.output[0], weight_q.output[0], weight_dq.output[0]))
         weight_name = _unique_name(taken, f"{weight_q.input[0]}_space_to_depth")
@@ -419,17 +407,8 @@ def _space_to_depth_input_convs(model: onnx.ModelProto) -> None:
         kept = [a for a in node.attribute if a.name not in attributes]
         del node.attribute[:]
         node.attribute.extend([*kept, *(onnx.helper.make_attribute(k, v) for k, v in attributes.items())])
-    if inserted:
-        ordered = [
-            new
-            for node in graph.node
-            for new in ((inserted[node.output[0]],) if node.output[0] in inserted else ()) + (node,)
-        ]
-        del graph.node[:]
-        graph.node.extend(ordered)
-        stale = [info for info in graph.value_info if info.name in reshaped]
-        for info in stale:
-            graph.value_info.remove(info)
+    _splice(graph, inserted)
+    _forget_value_info(graph, reshaped)
 
 
 def _constant_quantizer(
@@ -826,6 +805,23 @@ def _unique_name(taken: set[str], stem: str) -> str:
         name = f"{stem}_{index}"
     taken.add(name)
     return name
+
+
+def _splice(graph: onnx.GraphProto, replacements: dict[str, list[onnx.NodeProto]]) -> None:
+    """Replace each node whose first output is a key by that key's node list, in place, keeping the
+    node list topologically sorted (the lists include the node itself where it stays)."""
+    if not replacements:
+        return
+    ordered = [new for node in graph.node for new in replacements.get(node.output[0], [node])]
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def _forget_value_info(graph: onnx.GraphProto, names: set[str]) -> None:
+    """Drop recorded types/shapes of ``names``, made stale by a rewrite, before type checking."""
+    stale = [info for info in graph.value_info if info.name in names]
+    for info in stale:
+        graph.value_info.remove(info)
 
 
 def _rewire(graph: onnx.GraphProto, old: str, new: str) -> None:

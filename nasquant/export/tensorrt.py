@@ -23,7 +23,8 @@ import os
 import shlex
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -527,28 +528,25 @@ def _phase_monitor(trt: Any) -> Any:
     return PhaseMonitor()
 
 
-class _heartbeat:  # noqa: N801 - used as a context manager, reads like one
+@contextmanager
+def _heartbeat(
+    phase: Callable[[], str], label: str, log: Callable[[str], None], period: float
+) -> Iterator[None]:
     """Log ``label`` with the elapsed time and current phase every ``period`` seconds while a block runs."""
+    start, stop = time.monotonic(), threading.Event()
 
-    def __init__(
-        self, phase: Callable[[], str], label: str, log: Callable[[str], None], period: float
-    ) -> None:
-        self.phase, self.label, self.log, self.period = phase, label, log, period
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._beat, daemon=True)
+    def beat() -> None:
+        while not stop.wait(period):
+            log(f"{label}: {time.monotonic() - start:.0f} s ({phase()})")
 
-    def __enter__(self) -> None:
-        self.start = time.monotonic()
-        self.thread.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join()
-        self.log(f"{self.label}: done in {time.monotonic() - self.start:.0f} s")
-
-    def _beat(self) -> None:
-        while not self.stop.wait(self.period):
-            self.log(f"{self.label}: {time.monotonic() - self.start:.0f} s ({self.phase()})")
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        log(f"{label}: done in {time.monotonic() - start:.0f} s")
 
 
 def _sidecar(

@@ -26,33 +26,11 @@ from nasquant.io import atomic_path
 DEPLOY_MD = "DEPLOY.md"
 
 
-def write_deploy_guide(
-    run_dir: str | os.PathLike,
-    *,
-    fp32_onnx: Path,
-    int8_onnx: Path,
-    settings: EngineSettings,
-    spec: Preprocess,
-    nms: NMSSettings,
-    class_names: list[str],
-    skipped_layers: list[str],
-    fixed_batch: int | None = None,
-) -> Path:
-    """Write ``run_dir/DEPLOY.md`` for the run's FP32 and INT8 (TensorRT flavour) ONNX files."""
-    run_dir = Path(run_dir)
-    text = render_deploy_guide(
-        fp32_onnx=Path(fp32_onnx.name),
-        int8_onnx=Path(int8_onnx.name),
-        settings=settings,
-        spec=spec,
-        nms=nms,
-        class_names=class_names,
-        skipped_layers=skipped_layers,
-        fixed_batch=fixed_batch,
-    )
-    path = run_dir / DEPLOY_MD
+def write_deploy_guide(run_dir: str | os.PathLike, guide: str) -> Path:
+    """Write a rendered guide (:func:`render_deploy_guide`) to ``run_dir/DEPLOY.md``, atomically."""
+    path = Path(run_dir) / DEPLOY_MD
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(guide)
     return path
 
 
@@ -67,6 +45,7 @@ def render_deploy_guide(
     skipped_layers: list[str],
     fixed_batch: int | None = None,
 ) -> str:
+    """The guide's Markdown; file paths appear as given (the pipeline passes names beside the guide)."""
     fp16, int8 = replace(settings, precision="fp16"), replace(settings, precision="int8")
     dla = replace(int8, dla_core=0, gpu_fallback=True, hardware_compatibility="none")
     if settings.profile is not None:

@@ -55,7 +55,7 @@ class TensorRTBackend(Backend):
         self.start, self.end = (self.cuda.check(self.cuda.rt.cudaEventCreate()) for _ in range(2))
         self.metadata: dict[str, str] = dict(self.sidecar.onnx_metadata)
         self.input_size: int | None = self.sidecar.input_size
-        self.max_batch = self._max_batch(trt)
+        self.max_batch = self._max_batch()
         #: the engine's fixed batch, or None for a dynamic-batch engine (the ONNX backend's meaning)
         self.batch_size: int | None = (
             self.max_batch if self.engine.get_tensor_shape(INPUT_NAME)[0] >= 0 else None
@@ -71,7 +71,7 @@ class TensorRTBackend(Backend):
         if missing:
             raise NasquantError(f"{self.path}: engine lacks the tensors {', '.join(sorted(missing))}")
 
-    def _max_batch(self, trt: Any) -> int:
+    def _max_batch(self) -> int:
         shape = self.engine.get_tensor_shape(INPUT_NAME)
         if shape[0] >= 0:
             return int(shape[0])
