@@ -263,14 +263,17 @@ class QuantizePipeline:
             self.cache.entries.get("calibrate", {}).get("key"),
             section.sensitivity_images,
             section.sensitivity_top_k,
+            section.sensitivity_val_images,
             recipe.section_hash("validation"),
             [p.name for p in sample.image_paths],
         )
 
+        map_subset = val_subset.first(section.sensitivity_val_images)
+
         def evaluate(model) -> float:
             backend = TorchBackend(model, device="cpu")
             batch = recipe.validation.batch_size
-            return validate(backend, val_subset, spec, nms=nms, batch_size=batch, progress=False)["map50_95"]
+            return validate(backend, map_subset, spec, nms=nms, batch_size=batch, progress=False)["map50_95"]
 
         evidence = self.run_dir / SENSITIVITY_JSON
         cached = self.cache.get("sensitivity", key, [evidence]) is not None
@@ -288,6 +291,7 @@ class QuantizePipeline:
                 top_k=section.sensitivity_top_k,
                 progress=self.progress,
             )
+            analysis.map_images = len(map_subset)
             self.cache.put("sensitivity", key, {"ranked": analysis.ranked(), "seconds": analysis.seconds})
         ranked = analysis.ranked()
         summary = f"{len(ranked)} convs on {len(sample)} images, top: {ranked[0]}"

@@ -152,6 +152,10 @@ class QuantizationSection:
     """Validation images the per-layer SQNR is measured on (the analysis cost is linear in it)."""
     sensitivity_top_k: int = _constrained(8, ge=0)
     """Layers (by recovery) that also get a real mAP in the sensitivity analysis."""
+    sensitivity_val_images: int | None = _constrained(None, ge=1)
+    """Validation images behind every mAP of the analysis and the search (the first N of the validation
+    subset; null = all of it). Each mAP there is one validation of this many images, so on COCO
+    (5,000) a few hundred keep the search practical; the report still validates on the whole subset."""
 
     def _cross_checks(self) -> list[tuple[str, str]]:
         if self.skip == "auto" and self.max_map_drop is None and self.max_fp_layers is None:

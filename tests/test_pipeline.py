@@ -168,12 +168,19 @@ def test_the_deploy_guide_hands_off_commands_and_the_io_contract(run_dir: Path) 
 def test_skip_auto_searches_and_records_its_choice(tmp_path: Path, capsys) -> None:
     output = tmp_path / "auto"
     budget = ["quantization.skip=auto", "quantization.max_map_drop=0.5", "quantization.max_fp_layers=2"]
-    cheap = ["quantization.sensitivity_images=2", "quantization.sensitivity_top_k=1", "engines.enabled=false"]
+    cheap = [
+        "quantization.sensitivity_images=2",
+        "quantization.sensitivity_top_k=1",
+        "quantization.sensitivity_val_images=24",
+        "engines.enabled=false",
+    ]
     assert _quantize(output, *budget, *cheap) == 0
     for name in ("sensitivity.json", "sensitivity.md", "sensitivity.png"):
         assert (output / name).stat().st_size > 0, name
     evidence = json.loads((output / "sensitivity.json").read_text())
     assert len(evidence["layers"]) == 100 and evidence["search"]["met"]
+    # The analysis and the search measure mAP on the first 24 of the 40 validation images.
+    assert evidence["map_images"] == 24 and "mAP50-95 on 24 validation images" in (output / "sensitivity.md").read_text()
     # A budget the all-INT8 model meets: nothing in FP, and the resolved recipe says so explicitly,
     # so rerunning it reproduces the choice without searching.
     resolved = yaml.safe_load((output / "recipe.resolved.yaml").read_text())

@@ -70,6 +70,8 @@ class SensitivityResult:
     seconds: float
     map50_95_fp32: float | None = None
     map50_95_int8: float | None = None
+    map_images: int | None = None
+    """Validation images behind the mAP values (recorded by the caller that owns ``evaluate``)."""
     search: dict | None = field(default=None)
 
     def ranked(self) -> list[str]:

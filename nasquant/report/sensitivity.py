@@ -47,8 +47,9 @@ def render_sensitivity(result: SensitivityResult, *, title: str, kept: set[str])
         "",
     ]
     if result.map50_95_fp32 is not None:
+        subset = f"{result.map_images} validation images" if result.map_images else "the validation subset"
         lines += [
-            f"mAP50-95 on the validation subset: FP32 {result.map50_95_fp32:.4f}, all INT8 "
+            f"mAP50-95 on {subset}: FP32 {result.map50_95_fp32:.4f}, all INT8 "
             f"{result.map50_95_int8:.4f}; the top layers by recovery also show mAP with only them kept in FP.",
             "",
         ]
