@@ -180,7 +180,10 @@ def test_skip_auto_searches_and_records_its_choice(tmp_path: Path, capsys) -> No
     evidence = json.loads((output / "sensitivity.json").read_text())
     assert len(evidence["layers"]) == 100 and evidence["search"]["met"]
     # The analysis and the search measure mAP on the first 24 of the 40 validation images.
-    assert evidence["map_images"] == 24 and "mAP50-95 on 24 validation images" in (output / "sensitivity.md").read_text()
+    assert (
+        evidence["map_images"] == 24
+        and "mAP50-95 on 24 validation images" in (output / "sensitivity.md").read_text()
+    )
     # A budget the all-INT8 model meets: nothing in FP, and the resolved recipe says so explicitly,
     # so rerunning it reproduces the choice without searching.
     resolved = yaml.safe_load((output / "recipe.resolved.yaml").read_text())
