@@ -174,7 +174,9 @@ def test_skip_auto_searches_and_records_its_choice(tmp_path: Path, capsys) -> No
         "quantization.sensitivity_val_images=24",
         "engines.enabled=false",
     ]
-    assert _quantize(output, *budget, *cheap) == 0
+    # `nasquant sensitivity` alone: the three evidence files (and, for skip: auto, the search).
+    args = ["sensitivity", str(RECIPE), "--output", str(output)]
+    assert main([*args, *(a for o in [*QUICK, *budget, *cheap] for a in ("--set", o))]) == 0
     for name in ("sensitivity.json", "sensitivity.md", "sensitivity.png"):
         assert (output / name).stat().st_size > 0, name
     evidence = json.loads((output / "sensitivity.json").read_text())
@@ -184,6 +186,15 @@ def test_skip_auto_searches_and_records_its_choice(tmp_path: Path, capsys) -> No
         evidence["map_images"] == 24
         and "mAP50-95 on 24 validation images" in (output / "sensitivity.md").read_text()
     )
+    # The pipeline over the same folder reuses the calibration, the analysis and the search.
+    capsys.readouterr()
+    assert _quantize(output, *budget, *cheap, resume=True) == 0
+    stages = [
+        line
+        for line in capsys.readouterr().out.splitlines()
+        if line.startswith(("[sensitivity]", "[search]"))
+    ]
+    assert len(stages) == 2 and all(line.endswith("(reused)") for line in stages), stages
     # A budget the all-INT8 model meets: nothing in FP, and the resolved recipe says so explicitly,
     # so rerunning it reproduces the choice without searching.
     resolved = yaml.safe_load((output / "recipe.resolved.yaml").read_text())
