@@ -61,7 +61,7 @@ def count_qdq(model: onnx.ModelProto) -> dict[str, int]:
     """
     graph = model.graph
     constants = _constant_names(graph)
-    producers = {out: node for node in graph.node for out in node.output}
+    producers = _producers(graph)
     counts = {"QuantizeLinear": 0, "DequantizeLinear": 0, "weight_dq": 0, "activation_dq": 0}
     for node in graph.node:
         if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
@@ -89,7 +89,7 @@ def _to_uint8_activations(model: onnx.ModelProto) -> None:
     graph = model.graph
     values = _constant_values(graph)
     consumers = _consumers(graph)
-    taken = set(values) | {out for node in graph.node for out in node.output}
+    taken = set(values) | set(_producers(graph))
     retyped: set[str] = set()
 
     for node in graph.node:
@@ -144,7 +144,7 @@ def quantize_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
 def _quantize_outputs(model: onnx.ModelProto) -> None:
     graph = model.graph
     values = _constant_values(graph)
-    producers = {out: node for node in graph.node for out in node.output}
+    producers = _producers(graph)
     consumers = _consumers(graph)
     outputs = {out.name for out in graph.output}
     taken = set(values) | set(producers) | {node.name for node in graph.node}  # tensor and node names
@@ -256,7 +256,7 @@ def pixel_shuffle_upsampling(model: onnx.ModelProto) -> onnx.ModelProto:
 def _pixel_shuffle_upsampling(model: onnx.ModelProto) -> None:
     graph = model.graph
     values = _constant_values(graph)
-    producers = {out: node for node in graph.node for out in node.output}
+    producers = _producers(graph)
     consumers = _consumers(graph)
     taken = set(values) | set(producers)
     replaced: dict[str, list[onnx.NodeProto]] = {}
@@ -365,7 +365,7 @@ _FEW_CHANNELS = 4
 def _space_to_depth_input_convs(model: onnx.ModelProto) -> None:
     graph = model.graph
     values = _constant_values(graph)
-    producers = {out: node for node in graph.node for out in node.output}
+    producers = _producers(graph)
     consumers = _consumers(graph)
     taken = set(values) | set(producers) | {node.name for node in graph.node}
     shapes = {
@@ -511,7 +511,7 @@ def fold_scalar_multipliers(model: onnx.ModelProto) -> onnx.ModelProto:
 def _fold_scalar_multipliers(model: onnx.ModelProto) -> None:
     graph = model.graph
     values = _constant_values(graph)
-    producers = {out: node for node in graph.node for out in node.output}
+    producers = _producers(graph)
     consumers = _consumers(graph)
     outputs = {out.name for out in graph.output}
     taken = set(values) | set(producers)
@@ -584,7 +584,7 @@ def drop_requantization(model: onnx.ModelProto) -> onnx.ModelProto:
 def _drop_requantization(model: onnx.ModelProto) -> None:
     graph = model.graph
     values = _constant_values(graph)
-    producers = {out: node for node in graph.node for out in node.output}
+    producers = _producers(graph)
     outputs = {out.name for out in graph.output}
     kept: dict[tuple, str] = {}  # (input, grid) -> the one quantized tensor for it
     for node in graph.node:
@@ -638,7 +638,7 @@ def _fold_relu_into_quantize(model: onnx.ModelProto) -> None:
     values = _constant_values(graph)
     consumers = _consumers(graph)
     outputs = {out.name for out in graph.output}
-    taken = set(values) | {out for node in graph.node for out in node.output}
+    taken = set(values) | set(_producers(graph))
     folded: list[onnx.NodeProto] = []
     for node in graph.node:
         users = consumers[node.output[0]] if node.op_type == "Relu" else []
@@ -763,6 +763,10 @@ class _GridWalker:
         # MaxPool's optional Indices output would expose positions, not values.
         extra_outputs_used = any(self.consumers[out] or out in self.outputs for out in node.output[1:])
         return grid_op and not extra_outputs_used
+
+
+def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    return {out: node for node in graph.node for out in node.output}
 
 
 def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
