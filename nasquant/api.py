@@ -15,30 +15,44 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from nasquant.data.coco_names import COCO_CLASSES
 from nasquant.data.datasets import load_dataset
-from nasquant.data.preprocess import Preprocess
+from nasquant.data.preprocess import Preprocess, check_input_size
 from nasquant.data.sources import image_files
 from nasquant.errors import NasquantError
 from nasquant.eval.postprocess import NMSSettings
 from nasquant.eval.validate import validate
+from nasquant.formats import DEFAULT_IMGSZ, MAX_STRIDE
 from nasquant.models import YoloNAS, yolo_nas
 from nasquant.predict import PREDICT_NMS, Prediction, predict
 from nasquant.runtime.torch_backend import TorchBackend
 from nasquant.weights import Checkpoint, load_checkpoint
-
-DEFAULT_IMGSZ = 640
-MAX_STRIDE = 32
 
 
 def load_model(checkpoint: Checkpoint) -> YoloNAS:
     """Build the network the checkpoint describes and load its tensors strictly, in eval mode."""
     model = yolo_nas(checkpoint.variant, checkpoint.num_classes)
     model.adopt_layout(checkpoint.state_dict)
-    try:
-        model.load_state_dict(checkpoint.state_dict, strict=True)
-    except RuntimeError as exc:
-        first_line = str(exc).splitlines()[0]
-        raise NasquantError(f"{checkpoint.path} does not fit {checkpoint.variant}: {first_line}") from exc
+    problem = _state_dict_mismatch(model.state_dict(), checkpoint.state_dict)
+    if problem is not None:
+        raise NasquantError(f"{checkpoint.path} does not fit {checkpoint.variant}: {problem}")
+    model.load_state_dict(checkpoint.state_dict, strict=True)
     return model.eval()
+
+
+def _state_dict_mismatch(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor]) -> str | None:
+    """The first difference between two state dicts, naming the key (torch's own error lists every
+    key over many lines); None when ``given`` loads strictly."""
+    problems = [
+        *(f"no tensor {key}" for key in expected if key not in given),
+        *(f"unexpected tensor {key}" for key in given if key not in expected),
+        *(
+            f"{key} has shape {tuple(given[key].shape)}, the network needs {tuple(value.shape)}"
+            for key, value in expected.items()
+            if key in given and given[key].shape != value.shape
+        ),
+    ]
+    if not problems:
+        return None
+    return problems[0] + (f" (and {len(problems) - 1} more differences)" if len(problems) > 1 else "")
 
 
 class NAS:
@@ -77,10 +91,7 @@ class NAS:
         return int(processing.get("imgsz", DEFAULT_IMGSZ))
 
     def preprocessing(self, protocol: str = "sg", imgsz: int | None = None) -> Preprocess:
-        size = imgsz or self.imgsz
-        # The neck joins stride-8/16/32 maps by 2x up/down-sampling: sides must divide by 32.
-        if size % MAX_STRIDE:
-            raise NasquantError(f"input size must be a multiple of {MAX_STRIDE}, got {size}")
+        size = check_input_size(self.imgsz if imgsz is None else imgsz)
         return Preprocess.from_protocol(protocol, size, model_processing=self.checkpoint.processing)
 
     def fuse(self) -> NAS:
@@ -93,6 +104,7 @@ class NAS:
 
     def info(self, imgsz: int = DEFAULT_IMGSZ) -> dict:
         """Variant, classes, parameters, GFLOPs and conv-layer count (of the deployed, fused form)."""
+        check_input_size(imgsz)
         deployed = copy.deepcopy(self.model).fuse()
         counter = FlopCounterMode(display=False)
         with counter, torch.no_grad():
@@ -229,11 +241,11 @@ def val_exported(
 
     backend = load_backend(path, device=device, threads=threads)
     recorded = backend.metadata.get(keys.KEY_PREPROCESS)
-    size = imgsz or backend.input_size
+    size = imgsz if imgsz is not None else backend.input_size
     if recorded and protocol in (None, backend.metadata.get(keys.KEY_PROTOCOL)) and imgsz in (None, size):
-        spec = Preprocess(**json.loads(recorded))
+        spec = _recorded_preprocess(recorded, path)
     else:
-        spec = Preprocess.from_protocol(protocol or "sg", size or DEFAULT_IMGSZ)
+        spec = Preprocess.from_protocol(protocol or "sg", check_input_size(size or DEFAULT_IMGSZ))
     if backend.input_size not in (None, spec.imgsz):
         raise NasquantError(f"{path} takes {backend.input_size}px inputs, not {spec.imgsz}")
     # A fixed-batch graph runs exactly its batch (the backend pads a short last batch).
@@ -246,6 +258,15 @@ def val_exported(
         protocol=protocol or backend.metadata.get(keys.KEY_PROTOCOL, "sg"),
     )
     return metrics
+
+
+def _recorded_preprocess(recorded: str, path: str | os.PathLike) -> Preprocess:
+    """The preprocessing an exported file records in its metadata (any runtime's file: checked)."""
+    try:
+        fields = json.loads(recorded)
+        return Preprocess(**fields)
+    except (ValueError, TypeError) as exc:  # not JSON, not an object, unknown or missing fields
+        raise NasquantError(f"{path}: its recorded preprocessing is unreadable ({exc})") from None
 
 
 def _expand(item: str | os.PathLike | np.ndarray) -> list:

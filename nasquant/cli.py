@@ -7,15 +7,56 @@ Bad input exits with code 2 and one line on stderr; ``--debug`` shows the traceb
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from nasquant import __version__
 from nasquant.errors import NasquantError
-from nasquant.formats import EXPORTED_SUFFIXES
+from nasquant.formats import DEFAULT_IMGSZ, EXPORTED_SUFFIXES
 from nasquant.io import write_json
+from nasquant.recipe import (
+    BenchmarkSection,
+    EnginesSection,
+    InputSection,
+    OutputSection,
+    ValidationSection,
+    check_value,
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line like every other nasquant error (argparse prints the
+    whole usage block first)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _checked(section: type, name: str, parse: Callable[[str], Any] = int) -> Callable[[str], Any]:
+    """An argparse ``type`` for an option that mirrors recipe field ``section.name``: parsed, then held
+    to that field's type and bounds, so the CLI and recipes refuse the same values with one message."""
+
+    def convert(text: str) -> Any:
+        try:
+            return check_value(section, name, parse(text))
+        except NasquantError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = parse.__name__  # argparse names it in "invalid int value: 'x'"
+    return convert
+
+
+_SIZE = _checked(InputSection, "size")
+_CONF = _checked(ValidationSection, "conf", float)
+_IOU = _checked(ValidationSection, "iou", float)
+_TOP_K = _checked(ValidationSection, "top_k")
+_MAX_DET = _checked(ValidationSection, "max_det")
+_FAIL_ON_DROP = _checked(OutputSection, "fail_on_drop", float)
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,7 +72,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _add_preprocess_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--imgsz", type=int, default=None, help="square input size (default: the model's own, else 640)"
+        "--imgsz", type=_SIZE, default=None, help="square input size (default: the model's own, else 640)"
     )
     parser.add_argument(
         "--protocol",
@@ -43,27 +84,29 @@ def _add_preprocess_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="nasquant", description="YOLO-NAS validation, prediction and INT8 deployment."
-    )
+    parser = _Parser(prog="nasquant", description="YOLO-NAS validation, prediction and INT8 deployment.")
     parser.add_argument("--version", action="version", version=f"nasquant {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     info = commands.add_parser("info", help="describe a checkpoint: variant, classes, params, GFLOPs, layers")
     _add_model_arguments(info)
-    info.add_argument("--imgsz", type=int, default=640, help="input size for the GFLOPs count (default 640)")
+    info.add_argument(
+        "--imgsz", type=_SIZE, default=640, help="input size for the GFLOPs count (default 640)"
+    )
     info.add_argument("--json", metavar="PATH", help="also write the description as JSON")
 
     val = commands.add_parser("val", help="COCO mAP of a checkpoint on a dataset (pycocotools)")
     _add_model_arguments(val)
     val.add_argument("--data", required=True, help="COCO json / COCO folder / Ultralytics data yaml")
     _add_preprocess_arguments(val)
-    val.add_argument("--batch", type=int, default=8, help="batch size (default 8)")
-    val.add_argument("--conf", type=float, default=0.01, help="score threshold (default 0.01, Deci's)")
-    val.add_argument("--iou", type=float, default=0.7, help="NMS IoU threshold (default 0.7)")
-    val.add_argument("--top-k", type=int, default=1000, help="candidates kept before NMS (default 1000)")
-    val.add_argument("--max-det", type=int, default=300, help="detections kept per image (default 300)")
+    val.add_argument(
+        "--batch", type=_checked(ValidationSection, "batch_size"), default=8, help="batch size (default 8)"
+    )
+    val.add_argument("--conf", type=_CONF, default=0.01, help="score threshold (default 0.01, Deci's)")
+    val.add_argument("--iou", type=_IOU, default=0.7, help="NMS IoU threshold (default 0.7)")
+    val.add_argument("--top-k", type=_TOP_K, default=1000, help="candidates kept before NMS (default 1000)")
+    val.add_argument("--max-det", type=_MAX_DET, default=300, help="detections kept per image (default 300)")
     val.add_argument("--json", metavar="PATH", help="write the metrics dict as JSON")
 
     predict = commands.add_parser("predict", help="detect objects; writes annotated images and a JSON")
@@ -71,9 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--source", required=True, help="image file, folder or glob pattern")
     predict.add_argument("--out", default="runs/predict", help="output folder (default runs/predict)")
     _add_preprocess_arguments(predict)
-    predict.add_argument("--conf", type=float, default=0.25, help="score threshold (default 0.25)")
-    predict.add_argument("--iou", type=float, default=0.7, help="NMS IoU threshold (default 0.7)")
-    predict.add_argument("--max-det", type=int, default=300, help="detections kept per image (default 300)")
+    predict.add_argument("--conf", type=_CONF, default=0.25, help="score threshold (default 0.25)")
+    predict.add_argument("--iou", type=_IOU, default=0.7, help="NMS IoU threshold (default 0.7)")
+    predict.add_argument(
+        "--max-det", type=_MAX_DET, default=300, help="detections kept per image (default 300)"
+    )
 
     quantize = commands.add_parser(
         "quantize", help="recipe → calibrated INT8 + FP32 ONNX, validated, benchmarked, report"
@@ -81,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_arguments(quantize)
     quantize.add_argument(
         "--fail-on-drop",
-        type=float,
+        type=_FAIL_ON_DROP,
         default=None,
         metavar="POINTS",
         help="exit 1 when an INT8 row loses more than POINTS mAP50-95 points vs FP32 (e.g. 0.5)",
@@ -95,12 +140,29 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="latency of any model file (.pt/.safetensors/.onnx/.engine)")
     bench.add_argument("--model", required=True, help="checkpoint, .onnx or .engine file")
     bench.add_argument(
-        "--imgsz", type=int, default=None, help="input size (default: the model's own, else 640)"
+        "--imgsz", type=_SIZE, default=None, help="input size (default: the model's own, else 640)"
     )
-    bench.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
-    bench.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
-    bench.add_argument("--warmup", type=int, default=10, help="untimed runs first (default 10)")
-    bench.add_argument("--iterations", type=int, default=50, help="timed runs (default 50)")
+    bench.add_argument(
+        "--batch", type=_checked(InputSection, "batch"), default=1, help="batch size (default 1)"
+    )
+    bench.add_argument(
+        "--threads",
+        type=_checked(BenchmarkSection, "threads"),
+        default=None,
+        help="CPU threads (default: all)",
+    )
+    bench.add_argument(
+        "--warmup",
+        type=_checked(BenchmarkSection, "warmup"),
+        default=10,
+        help="untimed runs first (default 10)",
+    )
+    bench.add_argument(
+        "--iterations",
+        type=_checked(BenchmarkSection, "iterations"),
+        default=50,
+        help="timed runs (default 50)",
+    )
     bench.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when present)")
     bench.add_argument("--json", metavar="PATH", help="write the benchmark row as JSON")
 
@@ -122,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("runs", nargs="+", help="run folders (or their report.json)")
     report.add_argument(
         "--fail-on-drop",
-        type=float,
+        type=_FAIL_ON_DROP,
         default=None,
         metavar="POINTS",
         help="exit 1 when an INT8 row of any run loses more than POINTS mAP50-95 points vs FP32",
@@ -148,8 +210,6 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    from nasquant.recipe import EnginesSection
-
     defaults = EnginesSection()
     parser.add_argument(
         "model", help="exported ONNX: model.fp32.onnx (FP16/FP32) or model.int8.trt.onnx (INT8)"
@@ -161,20 +221,35 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         )
     parser.set_defaults(precision=None)
     parser.add_argument("--output", help="engine path (default: beside the ONNX, e.g. model.int8.engine)")
-    parser.add_argument("--min-batch", type=int, help="profile minimum batch (dynamic-batch graphs only)")
-    parser.add_argument("--opt-batch", type=int, help="profile batch the kernels are tuned for")
-    parser.add_argument("--max-batch", type=int, help="profile maximum batch")
+    for bound in ("min", "opt", "max"):
+        parser.add_argument(
+            f"--{bound}-batch",
+            type=_checked(EnginesSection, f"{bound}_batch"),
+            help={
+                "min": "profile minimum batch (dynamic-batch graphs only)",
+                "opt": "profile batch the kernels are tuned for",
+                "max": "profile maximum batch",
+            }[bound],
+        )
     parser.add_argument(
-        "--workspace-mb", type=int, default=defaults.workspace_mb, help="builder workspace, MiB"
+        "--workspace-mb",
+        type=_checked(EnginesSection, "workspace_mb"),
+        default=defaults.workspace_mb,
+        help="builder workspace, MiB",
     )
     parser.add_argument(
-        "--opt-level", type=int, default=defaults.optimization_level, help="builder optimization level 0-5"
+        "--opt-level",
+        type=_checked(EnginesSection, "optimization_level"),
+        default=defaults.optimization_level,
+        help="builder optimization level 0-5",
     )
     parser.add_argument("--timing-cache", help="timing cache file, read and updated (faster rebuilds)")
     parser.add_argument(
         "--typing", choices=["auto", "strong", "weak"], default=defaults.typing, help="network typing (auto)"
     )
-    parser.add_argument("--dla-core", type=int, help="Jetson DLA core to build for")
+    parser.add_argument(
+        "--dla-core", type=_checked(EnginesSection, "dla_core"), help="Jetson DLA core to build for"
+    )
     parser.add_argument(
         "--no-gpu-fallback",
         action="store_true",
@@ -317,12 +392,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from nasquant.runtime import load_backend
 
         backend = load_backend(args.model, device=args.device, threads=args.threads)
-        imgsz = args.imgsz or backend.input_size or 640
+        if args.imgsz is not None and backend.input_size not in (None, args.imgsz):
+            raise NasquantError(f"{args.model} takes {backend.input_size}px inputs, not --imgsz {args.imgsz}")
+        imgsz = args.imgsz or backend.input_size or DEFAULT_IMGSZ
     else:
         from nasquant.api import NAS
 
         nas = NAS(args.model, device=args.device).fuse()
-        backend, imgsz = nas.backend(), args.imgsz or nas.imgsz
+        backend, imgsz = nas.backend(), nas.preprocessing(imgsz=args.imgsz).imgsz
     result = benchmark(backend, imgsz=imgsz, batch=args.batch, warmup=args.warmup, iterations=args.iterations)
     stats = result.model
     print(
@@ -381,16 +458,20 @@ def _cmd_engine(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from nasquant.report import compare_reports, load_report
+    from nasquant.report import REPORT_MD, load_report, render_comparison, render_markdown
 
-    if len(args.runs) == 1:
-        from nasquant.report import REPORT_MD, render_markdown
-
-        report = load_report(args.runs[0])
-        print(render_markdown(report, title=f"{args.runs[0]} ({REPORT_MD})"))
-    else:
-        print(compare_reports(args.runs))
-    return max(_gate(load_report(run), args.fail_on_drop, run) for run in args.runs)
+    reports = [(run, load_report(run)) for run in args.runs]
+    for run, report in reports:
+        # report.json is read from disk and may come from anywhere: a value of the wrong shape deep in
+        # it (a host that is a list, ...) makes the file malformed, said in one line.
+        try:
+            single = render_markdown(report, title=f"{run} ({REPORT_MD})")
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise NasquantError(
+                f"{run} is not a readable nasquant report ({type(exc).__name__}: {exc})"
+            ) from None
+    print(single if len(reports) == 1 else render_comparison(reports))
+    return max(_gate(report, args.fail_on_drop, run) for run, report in reports)
 
 
 COMMANDS = {
@@ -405,24 +486,72 @@ COMMANDS = {
 }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+class _Terminated(BaseException):
+    """SIGTERM (what CI runners and ``timeout`` send), raised in the main thread like Ctrl-C's
+    KeyboardInterrupt, so the same cleanup runs: every ``atomic_path`` removes its temporary file."""
+
+
+#: Conventional exit codes of a process ended by SIGINT / SIGTERM (128 + the signal number).
+EXIT_INTERRUPTED = 128 + signal.SIGINT
+EXIT_TERMINATED = 128 + signal.SIGTERM
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    def handle(signum: int, frame: object) -> None:
+        # A second SIGTERM must not cut the cleanup the first one started.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise _Terminated
+
     try:
-        code = COMMANDS[args.command](args) or 0
+        previous = signal.signal(signal.SIGTERM, handle)
+    except ValueError:  # not the main thread (main() called from a worker): leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    # torch reports a failed allocation as a RuntimeError (CPU) or torch.OutOfMemoryError (CUDA);
+    # matched by name so the CLI does not import torch to recognise it.
+    return (
+        isinstance(exc, MemoryError)
+        or type(exc).__name__ == "OutOfMemoryError"
+        or (isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # a usage error (2), --help or --version (0): argparse printed it
+        return exc.code if isinstance(exc.code, int) else 2
+
+    def fail(message: str, code: int) -> int:
+        if args.debug:
+            traceback.print_exc()
+        print(f"nasquant: {message}", file=sys.stderr)
+        return code
+
+    try:
+        with _sigterm_raises():
+            return COMMANDS[args.command](args) or 0
     except NasquantError as exc:
-        if args.debug:
-            traceback.print_exc()
-        print(f"nasquant: error: {exc}", file=sys.stderr)
-        return 2
+        return fail(f"error: {exc}", 2)
     except KeyboardInterrupt:
-        print("nasquant: interrupted", file=sys.stderr)
-        return 130
+        return fail("interrupted", EXIT_INTERRUPTED)
+    except _Terminated:
+        return fail("terminated", EXIT_TERMINATED)
     except OSError as exc:  # disk full, permission denied, ...: the environment, not our bug
-        if args.debug:
-            traceback.print_exc()
-        print(f"nasquant: error: {exc}", file=sys.stderr)
-        return 1
-    return code
+        return fail(f"error: {exc}", 1)
+    except (MemoryError, RuntimeError) as exc:
+        if not _out_of_memory(exc):
+            raise
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        return fail(f"error: out of memory ({first[:200]}); use a smaller batch or input size", 1)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,22 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+#: Suffix of the temporary files :func:`atomic_path` writes (``.<final name>.<random>.part``).
+PART_SUFFIX = ".part"
+
+
+def remove_stale_parts(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files :func:`atomic_path` left in ``folder`` (not below it) when its process
+    was killed before it could clean up; returns what was removed. Only for a folder no other live
+    process writes into: it cannot tell an orphan from another process's file in progress."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = [path for path in folder.glob(f".*{PART_SUFFIX}") if path.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
 
 @contextlib.contextmanager
 def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
@@ -19,7 +35,7 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".part", dir=final.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=PART_SUFFIX, dir=final.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -29,6 +45,11 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, final)
+    except OSError as exc:
+        # A writer deep in a library (torch's exporter, ...) reports a full disk without a file name.
+        if exc.filename is None:
+            raise OSError(exc.errno, f"{exc.strerror or exc} while writing", str(final)) from exc
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -37,7 +37,7 @@ from nasquant.export.tensorrt import (
     engine_settings,
     tensorrt_unavailable,
 )
-from nasquant.io import write_json
+from nasquant.io import remove_stale_parts, write_json
 from nasquant.quant import calibrate, keep_in_float, load_calibration, save_calibration
 from nasquant.quant.sensitivity import SensitivityResult, analyze, search_fp_layers
 from nasquant.recipe import Recipe
@@ -67,8 +67,25 @@ class StageCache:
 
     def __init__(self, run_dir: Path, *, resume: bool) -> None:
         self.path = run_dir / "stages.json"
-        self.entries: dict = json.loads(self.path.read_text()) if resume and self.path.exists() else {}
+        self.entries: dict = self._read() if resume and self.path.exists() else {}
         self.resume = resume
+
+    def _read(self) -> dict:
+        try:
+            entries = json.loads(self.path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            problem = f"not JSON ({str(exc)[:120]})"
+        else:
+            valid = isinstance(entries, dict) and all(
+                isinstance(entry, dict) and isinstance(entry.get("key"), str) and "result" in entry
+                for entry in entries.values()
+            )
+            if valid:
+                return entries
+            problem = "not a record of stages"
+        raise NasquantError(
+            f"{self.path} is {problem}, so nothing can be reused: run without --resume to start over"
+        )
 
     def get(self, stage: str, key: str, outputs: list[Path] = ()) -> dict | None:
         entry = self.entries.get(stage)
@@ -112,6 +129,12 @@ class QuantizePipeline:
         self.run_dir = Path(output) if output else recipe.output_dir
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.cache = StageCache(self.run_dir, resume=resume)
+        # Temporary files an earlier run left when it was killed (SIGKILL, power loss): never results.
+        stale = [
+            path for folder in (self.run_dir, self.run_dir / "bench") for path in remove_stale_parts(folder)
+        ]
+        if stale:
+            log(f"[run] removed {len(stale)} partial file(s) an interrupted run left in {self.run_dir}")
         self.progress = progress
         self.log = log
 
@@ -278,7 +301,12 @@ class QuantizePipeline:
         evidence = self.run_dir / SENSITIVITY_JSON
         cached = self.cache.get("sensitivity", key, [evidence]) is not None
         if cached:
-            analysis = SensitivityResult.from_dict(json.loads(evidence.read_text()))
+            try:
+                analysis = SensitivityResult.from_dict(json.loads(evidence.read_text(encoding="utf-8")))
+            except (ValueError, KeyError, TypeError) as exc:
+                raise NasquantError(
+                    f"{evidence} is damaged ({type(exc).__name__}: {str(exc)[:120]}); run without --resume"
+                ) from None
         else:
             images = np.concatenate(
                 [b.images for b in iter_batches(sample, spec, recipe.validation.batch_size)]

@@ -79,6 +79,8 @@ def predict(
 
     With ``save_dir``, also write an annotated JPEG per image and ``predictions.json`` there.
     """
+    if save_dir is not None:
+        _check_output_folder(Path(save_dir), sources)
     predictions = []
     saved_names: set[str] = set()
     for source, image in tqdm(_images(sources), total=len(sources), desc="predict", disable=not progress):
@@ -100,6 +102,20 @@ def predict(
     if save_dir is not None:
         write_json(Path(save_dir) / "predictions.json", [p.to_dict() for p in predictions])
     return predictions
+
+
+def _check_output_folder(out_dir: Path, sources: Sequence[str | os.PathLike | np.ndarray]) -> None:
+    """Outputs land directly in ``out_dir`` (``<stem>.jpg``, ``predictions.json``): a folder that holds
+    a source image would get that image replaced by its annotated re-encode, so it is refused."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NasquantError(f"output folder {out_dir} is a file")
+    target = out_dir.resolve()
+    for item in sources:
+        if not isinstance(item, np.ndarray) and Path(item).resolve().parent == target:
+            raise NasquantError(
+                f"output folder {out_dir} holds the input {item}: annotated images would replace inputs; "
+                "choose another output folder"
+            )
 
 
 def _save_annotated(image: np.ndarray, prediction: Prediction, out_dir: Path, used: set[str]) -> None:

@@ -8,16 +8,21 @@ the file and the dotted key instead of deep inside a stage.
 Rules that apply to every field (enforced by one generic walker over the dataclass type hints, not
 per field):
 
+* YAML is read by :mod:`nasquant.safe_yaml` (YAML 1.2 scalars: ``yes`` is a string, ``0512`` is 512;
+  duplicate keys and alias bombs refused).
 * Types are exact: booleans are YAML ``true``/``false`` (not ``"yes"``), integers are not floats,
   a list where a scalar is expected (or the reverse) is an error, enumerations list their values.
+  Numbers are range-checked when read (sizes multiples of 32, seeds >= 0, opset 13..20, ...).
 * ``${VAR}`` and ``${VAR:-default}`` in string values expand from the environment (``:-`` also
-  covers a variable that is set but empty, as in the shell); an unset ``${VAR}`` is an error.
+  covers a variable that is set but empty, as in the shell; the default may hold references itself,
+  ``${A:-${B:-x}}``); an unset ``${VAR}`` is an error.
+* ``name`` defaults to the file's stem, with characters a run name cannot hold replaced by ``_``.
 * Relative paths the recipe reads (checkpoint, data, image list, timing cache) resolve against the
   recipe file's folder, so a recipe works from any current directory; URLs and the aliases
   ``yolo_nas_s|m|l`` stay as written. Values given with ``--set`` are typed on a command line, so
   their relative paths mean the current directory. ``output.dir`` is the exception: results go
   where the user works, so it is relative to the current directory (default ``runs/<name>``).
-* ``--set key=value`` values are parsed with ``yaml.safe_load`` (``=128`` is an int, ``=[a, b]`` a
+* ``--set key=value`` values are parsed by the same YAML reader (``=128`` is an int, ``=[a, b]`` a
   list, ``=null`` None) and then validated exactly like file values.
 """
 
@@ -31,7 +36,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Hashable, Sequence
+from collections.abc import Sequence
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from types import NoneType, UnionType
@@ -40,7 +45,9 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from nasquant.errors import NasquantError
+from nasquant.formats import MAX_INPUT_SIZE, MAX_OPSET, MAX_STRIDE, MIN_OPSET
 from nasquant.io import atomic_path
+from nasquant.safe_yaml import load_yaml
 
 # The same three names as nasquant.models.VARIANTS, repeated here so that reading a recipe does not
 # import torch (tests check that the two agree).
@@ -51,8 +58,7 @@ Precision = Literal["fp32", "fp16", "int8"]
 RESOLVED_NAME = "recipe.resolved.yaml"
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-_ENV_REFERENCE = re.compile(r"\$\{([^}]*)\}")
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def _constrained(
@@ -105,7 +111,7 @@ class ModelSection:
 class InputSection:
     """The network input every artifact is built for."""
 
-    size: int | None = _constrained(None, ge=32, multiple_of=32)
+    size: int | None = _constrained(None, ge=MAX_STRIDE, le=MAX_INPUT_SIZE, multiple_of=MAX_STRIDE)
     """Square input side in pixels (None = the checkpoint's own, else 640); YOLO-NAS strides need /32."""
     batch: int = _constrained(1, ge=1)
     """Batch dimension baked into the exported graph when ``export.dynamic_batch`` is false."""
@@ -125,7 +131,7 @@ class CalibrationSection:
     """How many images calibrate (the first N of ``image_list``, else a seeded draw)."""
     batch_size: int = _constrained(8, ge=1)
     """Images per calibration forward pass (memory only; the ranges do not depend on it)."""
-    seed: int = 0
+    seed: int = _constrained(0, ge=0)
     """Seed of the draw when there is no ``image_list``, so the same folder gives the same images."""
     method: CalibrationMethod = "max"
     """Activation range: max, or a histogram reduced by percentile / entropy / mse."""
@@ -170,8 +176,9 @@ class QuantizationSection:
 class ExportSection:
     """ONNX export."""
 
-    opset: int = _constrained(17, ge=13)
-    """ONNX opset; 13 is the first with per-channel QuantizeLinear/DequantizeLinear."""
+    opset: int = _constrained(17, ge=MIN_OPSET, le=MAX_OPSET)
+    """ONNX opset: 13 is the first with per-channel QuantizeLinear/DequantizeLinear, 20 the highest the
+    TorchScript exporter (the one with ModelOpt's Q/DQ) writes."""
     dynamic_batch: bool = False
     """Export the batch dimension as dynamic instead of ``input.batch``."""
     simplify: bool = True
@@ -231,7 +238,7 @@ class ValidationSection:
     """How to read ``data`` (auto = decide from what it is)."""
     protocol: Literal["sg", "letterbox"] = "sg"
     """Preprocessing: sg = Deci's COCO protocol (the published numbers), letterbox = Ultralytics-style."""
-    conf: float = _constrained(0.01, ge=0, le=1)
+    conf: float = _constrained(0.01, gt=0, le=1)
     """Score threshold per (anchor, class) before NMS; Deci's mAP setting."""
     iou: float = _constrained(0.7, gt=0, le=1)
     """Class-aware NMS IoU threshold."""
@@ -257,7 +264,7 @@ class BenchmarkSection:
     """Batch sizes to time."""
     threads: int | None = _constrained(None, ge=1)
     """CPU threads for CPU backends (None = all cores)."""
-    size: int | None = _constrained(None, ge=32, multiple_of=32)
+    size: int | None = _constrained(None, ge=MAX_STRIDE, le=MAX_INPUT_SIZE, multiple_of=MAX_STRIDE)
     """Input side to time at (None = ``input.size``), so a 320-px model can be timed at 640 too."""
     end_to_end: bool = True
     """Time preprocessing and post-processing as well as the network."""
@@ -377,8 +384,23 @@ def recipe_from_dict(data: dict, *, source: Path | None = None) -> Recipe:
 
 def _validate(data: dict, source: Path | None, context: _Context) -> Recipe:
     if source is not None:
-        data = {"name": source.stem, **data}
+        data = {"name": _name_from_file(source), **data}
     return dataclasses.replace(_build(Recipe, data, "", context), source=source)
+
+
+def check_value(section: type, name: str, value: Any) -> Any:
+    """``value`` checked against the recipe field ``section.name`` (type and bounds), for a command-line
+    option that mirrors it: the recipe field is the one place its limits are written. The error message
+    is the field's own, without a file or key (the caller names the option)."""
+    fields = {f.name: f for f in _yaml_fields(section)}
+    context = _Context(label="", base=Path.cwd())
+    return _field_value(value, _hints(section)[name], fields[name].metadata, "", context)
+
+
+def _name_from_file(source: Path) -> str:
+    """The default run name: the file's stem with what a name may not hold (spaces, ...) made ``_``."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", source.stem).lstrip("._-")
+    return name or "recipe"
 
 
 @dataclass(frozen=True)
@@ -394,7 +416,8 @@ class _Context:
 
     def error(self, key: str, message: str) -> NasquantError:
         origin = "--set " if self.from_set(key) else ""
-        return NasquantError(f"{self.label}: {origin}{key}: {message}")
+        where = ": ".join(part for part in (self.label, f"{origin}{key}") if part)
+        return NasquantError(f"{where}: {message}" if where else message)
 
 
 def _read_yaml(source: Path, label: str) -> dict:
@@ -408,11 +431,7 @@ def _read_yaml(source: Path, label: str) -> dict:
         raise NasquantError(f"{label}: not a UTF-8 text file") from None
     except OSError as exc:
         raise NasquantError(f"{label}: cannot read it: {exc.strerror or exc}") from None
-    try:
-        data = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass: no arbitrary objects
-    except yaml.YAMLError as exc:
-        raise NasquantError(f"{label}: invalid YAML{_yaml_problem(exc)}") from None
-    return _top_mapping(data, label)
+    return _top_mapping(load_yaml(text, label), label)
 
 
 def _top_mapping(data: Any, label: str) -> dict:
@@ -420,27 +439,6 @@ def _top_mapping(data: Any, label: str) -> dict:
         got = "nothing" if data is None else _describe(data)
         raise NasquantError(f"{label}: expected a mapping of sections (model, input, ...), got {got}")
     return data
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses duplicate keys, which YAML would resolve silently to the last."""
-
-
-def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict:
-    loader.flatten_mapping(node)
-    seen: set = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node)
-        # Unhashable keys are left to construct_mapping, which refuses them with its own message.
-        if not isinstance(key, Hashable):
-            continue
-        if key in seen:
-            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
-        seen.add(key)
-    return loader.construct_mapping(node)
-
-
-_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
 def _parse_override(override: str, label: str) -> tuple[str, Any]:
@@ -461,11 +459,7 @@ def _parse_override(override: str, label: str) -> tuple[str, Any]:
         if part not in names:
             raise NasquantError(_unknown_key(label, dotted, names, " in --set"))
         cls = _hints(cls)[part]
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise NasquantError(f"{label}: --set {key}: cannot parse {text!r}{_yaml_problem(exc)}") from None
-    return key, value
+    return key, load_yaml(text, f"{label}: --set {key}", failure=f"cannot parse {_describe(text)}")
 
 
 def _set_dotted(data: dict, key: str, value: Any, label: str) -> None:
@@ -601,20 +595,53 @@ def _check(value: Any, metadata: Any, key: str, context: _Context) -> None:
 
 
 def _expand_env(text: str, key: str, context: _Context) -> str:
-    def substitute(match: re.Match) -> str:
-        name, sep, default = match.group(1).partition(":-")
-        if not _ENV_NAME.match(name):
-            raise context.error(key, f"{match.group(0)!r} is not ${{VAR}} or ${{VAR:-default}}")
-        value = os.environ.get(name)
-        if sep:
-            return value or default
-        if value is None:
-            raise context.error(
-                key, f"environment variable {name} is not set (write ${{{name}:-default}} to give a default)"
-            )
-        return value
+    """``${VAR}`` and ``${VAR:-default}`` expanded as the shell does; the default may itself hold
+    references (``${A:-${B:-x}}``) and is only expanded when it is used."""
+    expanded, _ = _expand_until(text, 0, key, context, closing=False, evaluate=True)
+    return expanded
 
-    return _ENV_REFERENCE.sub(substitute, text)
+
+def _expand_until(
+    text: str, pos: int, key: str, context: _Context, *, closing: bool, evaluate: bool
+) -> tuple[str, int]:
+    """Expand ``text`` from ``pos`` to its end, or (``closing``) to the ``}`` that ends a default;
+    returns the expansion and the position of that ``}`` (or the end)."""
+    parts = []
+    while pos < len(text):
+        if text.startswith("${", pos):
+            value, pos = _expand_reference(text, pos + 2, key, context, evaluate=evaluate)
+            parts.append(value)
+        elif closing and text[pos] == "}":
+            return "".join(parts), pos
+        else:
+            parts.append(text[pos])
+            pos += 1
+    if closing:
+        raise context.error(key, f"{_describe(text)} has a ${{...}} without its closing brace")
+    return "".join(parts), pos
+
+
+def _expand_reference(text: str, pos: int, key: str, context: _Context, *, evaluate: bool) -> tuple[str, int]:
+    """One reference whose ``${`` ends before ``pos``; returns its value and the position after ``}``."""
+    match = _ENV_NAME.match(text, pos)
+    after = match.end() if match else pos
+    if match is None or not text.startswith(("}", ":-"), after):
+        raise context.error(
+            key, f"{_describe(text)} has a ${{...}} that is not ${{VAR}} or ${{VAR:-default}}"
+        )
+    name = match.group(0)
+    value = os.environ.get(name) if evaluate else ""
+    if text.startswith(":-", after):
+        # ``:-`` also covers a variable that is set but empty, as in the shell.
+        default, end = _expand_until(
+            text, after + 2, key, context, closing=True, evaluate=evaluate and not value
+        )
+        return (value or default), end + 1
+    if value is None:
+        raise context.error(
+            key, f"environment variable {name} is not set (write ${{{name}:-default}} to give a default)"
+        )
+    return value, after + 1
 
 
 def _resolve_path(value: str, base: Path) -> str:
@@ -675,12 +702,3 @@ def _describe(value: Any) -> str:
         return "a mapping"
     text = repr(value)
     return text if len(text) <= 80 else f"{text[:77]}..."
-
-
-def _yaml_problem(exc: yaml.YAMLError) -> str:
-    """``: <what>`` plus where, in one line (PyYAML's own text spans several, quoting the source)."""
-    if not isinstance(exc, yaml.MarkedYAMLError) or exc.problem is None:
-        return f": {' '.join(str(exc).split())}"
-    mark = exc.problem_mark
-    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-    return f"{where}: {' '.join(exc.problem.split())}"

@@ -49,6 +49,34 @@ def test_predict_on_a_folder_returns_one_result_per_image(nas: NAS, tmp_path: Pa
     assert len(list((tmp_path / "out").glob("*.jpg"))) == 3
 
 
+def test_predict_never_writes_over_its_inputs(nas: NAS, tmp_path: Path) -> None:
+    image = sorted(shared_path("data", "shapes", "val", "images").glob("*.jpg"))[0]
+    source = tmp_path / image.name
+    source.write_bytes(image.read_bytes())
+    for out in (tmp_path, tmp_path / "."):
+        with pytest.raises(NasquantError, match="holds the input .* annotated images would replace inputs"):
+            nas.predict(source, save_dir=out)
+    assert source.read_bytes() == image.read_bytes() and sorted(tmp_path.iterdir()) == [source]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NasquantError, match="output folder .*file is a file"):
+        nas.predict(source, save_dir=tmp_path / "file")
+
+
+def test_a_state_dict_mismatch_names_the_key(nas: NAS) -> None:
+    from dataclasses import replace
+
+    from nasquant.api import load_model
+
+    tensors = dict(nas.checkpoint.state_dict)
+    key = "heads.head2.reg_pred.bias"
+    del tensors[key]
+    with pytest.raises(NasquantError, match=rf"does not fit yolo_nas_s: no tensor {key}$"):
+        load_model(replace(nas.checkpoint, state_dict=tensors))
+    tensors[key] = torch.zeros(3)
+    with pytest.raises(NasquantError, match=rf"{key} has shape \(3,\), the network needs \(68,\)"):
+        load_model(replace(nas.checkpoint, state_dict=tensors))
+
+
 def test_val_on_a_dataset_with_other_classes_is_a_clear_error(nas: NAS) -> None:
     coco = shared_path("data", "coco-mini", "annotations", "instances_val2017.json")
     with pytest.raises(NasquantError, match="predicts 6 classes but .* has 80"):
@@ -56,8 +84,11 @@ def test_val_on_a_dataset_with_other_classes_is_a_clear_error(nas: NAS) -> None:
 
 
 def test_input_size_must_be_a_multiple_of_the_largest_stride(nas: NAS) -> None:
-    with pytest.raises(NasquantError, match="multiple of 32, got 330"):
+    with pytest.raises(NasquantError, match="multiple of 32 from 32 to 8192, got 330"):
         nas.preprocessing("sg", 330)
+    for size in (0, -32, 8224):
+        with pytest.raises(NasquantError, match=f"got {size}"):
+            nas.preprocessing("sg", size)
     assert nas.preprocessing("letterbox", 640).resize == 640
 
 

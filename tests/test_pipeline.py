@@ -118,7 +118,9 @@ def test_calibrating_on_validation_images_is_refused(tmp_path: Path, capsys) -> 
     val_images = shared_path("data", "shapes", "val", "images")
     code = _quantize(tmp_path / "overlap", f"calibration.data={val_images}")
     err = capsys.readouterr().err
-    assert code == 2 and "calibration images are also validation images" in err and "allow_overlap" in err
+    assert (
+        code == 2 and "calibration images are validation images or copies" in err and "allow_overlap" in err
+    )
 
 
 def test_a_misspelled_recipe_key_names_the_key_and_the_file(tmp_path: Path, capsys) -> None:
@@ -139,6 +141,21 @@ def test_coco_recipe_offline_fails_in_one_line_naming_the_urls(tmp_path: Path, m
     assert main(["quantize", str(recipe), "--output", str(tmp_path / "run")]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "http://127.0.0.1:9" in lines[0] and "yolo_nas_s" in lines[0]
+
+
+def test_a_run_removes_the_partial_files_a_killed_run_left(tmp_path: Path) -> None:
+    from nasquant.pipeline import QuantizePipeline
+    from nasquant.recipe import load_recipe
+
+    run = tmp_path / "run"
+    (run / "bench").mkdir(parents=True)
+    for orphan in (run / ".model.fp32.onnx.x1.part", run / "bench" / ".model.int8.trt.onnx.x2.part"):
+        orphan.write_bytes(b"half")
+    (run / "model.fp32.onnx").write_bytes(b"a finished artifact")
+    lines: list[str] = []
+    QuantizePipeline(load_recipe(RECIPE), output=run, log=lines.append)
+    assert lines == [f"[run] removed 2 partial file(s) an interrupted run left in {run}"]
+    assert sorted(p.name for p in run.rglob("*")) == ["bench", "model.fp32.onnx"]
 
 
 def test_stage_keys_change_with_the_nasquant_version(monkeypatch: pytest.MonkeyPatch) -> None:

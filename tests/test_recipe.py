@@ -217,6 +217,89 @@ def test_environment_expansion(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert "${WEIGHTS:-default}" in message
 
 
+def test_a_default_may_hold_references_and_is_expanded_only_when_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write(
+        tmp_path,
+        "model:\n  checkpoint: ${NQ_A:-${NQ_B:-/nested}}/s.pt\n"
+        "calibration:\n  data: ${NQ_C:-${NQ_UNSET_TOO}}/train\n",  # the default is never needed
+    )
+    for name in ("NQ_A", "NQ_B", "NQ_UNSET_TOO"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NQ_C", "/c")
+    monkeypatch.setenv("NQ_B", "/b")
+    recipe = load_recipe(path)
+    assert recipe.model.checkpoint == "/b/s.pt"  # not "${NQ_B:-/nested}" or "/nested}"
+    assert recipe.calibration.data == "/c/train"
+    monkeypatch.delenv("NQ_B")
+    assert load_recipe(path).model.checkpoint == "/nested/s.pt"
+    unset = write(tmp_path, "model:\n  checkpoint: ${NQ_A:-${NQ_B}}/s.pt\n", "unset.yaml")
+    assert "model.checkpoint: environment variable NQ_B is not set" in error_of(unset)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("${NQ_A:-${B}", "has a ${...} without its closing brace"),
+        ("${1X}", "is not ${VAR} or ${VAR:-default}"),
+        ("${A B}", "is not ${VAR} or ${VAR:-default}"),
+    ],
+)
+def test_malformed_references_are_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str, expected: str
+) -> None:
+    monkeypatch.delenv("NQ_A", raising=False)
+    monkeypatch.setenv("B", "b")
+    assert expected in error_of(write(tmp_path, f"model:\n  checkpoint: '{text}'\n"))
+
+
+def test_the_default_name_is_the_file_stem_made_valid(tmp_path: Path) -> None:
+    # "my recipe.yaml" used to fail on a `name` key nobody wrote.
+    assert load_recipe(write(tmp_path, MINIMAL, "my recipe (v2).yaml")).name == "my_recipe_v2_"
+    assert load_recipe(write(tmp_path, MINIMAL, "s_int8.yaml")).name == "s_int8"
+    assert load_recipe(write(tmp_path, MINIMAL, "...yaml")).name == "recipe"
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        (
+            "calibration:\n  allow_overlap: yes\n",
+            "calibration.allow_overlap: expected true or false, got 'yes'",
+        ),
+        (
+            "calibration:\n  allow_overlap: on\n",
+            "calibration.allow_overlap: expected true or false, got 'on'",
+        ),
+        ("export:\n  simplify: No\n", "export.simplify: expected true or false, got 'No'"),
+        ("calibration:\n  seed: -1\n", "calibration.seed: must be at least 0, got -1"),
+        ("export:\n  opset: 99\n", "export.opset: must be at most 20, got 99"),
+        ("input:\n  size: 16384\n", "input.size: must be at most 8192, got 16384"),
+        ("benchmark:\n  iterations: 1:30\n", "benchmark.iterations: expected an integer, got '1:30'"),
+        ("validation:\n  conf: 0\n", "validation.conf: must be greater than 0, got 0.0"),
+    ],
+)
+def test_values_are_range_checked_when_read(tmp_path: Path, line: str, expected: str) -> None:
+    assert expected in error_of(write(tmp_path, MINIMAL + line))
+
+
+def test_yaml_1_2_numbers(tmp_path: Path) -> None:
+    # YAML 1.1 (PyYAML) reads 0512 as octal 330 and 1e-3 as a string; recipes read them as written.
+    recipe = load_recipe(
+        write(tmp_path, MINIMAL + "calibration:\n  num_images: 0512\n  percentile: 1e+2\n  seed: 0x10\n")
+    )
+    assert (recipe.calibration.num_images, recipe.calibration.percentile, recipe.calibration.seed) == (
+        512,
+        100.0,
+        16,
+    )
+    assert load_recipe(write(tmp_path, MINIMAL), ["calibration.allow_overlap=true"]).calibration.allow_overlap
+    assert "expected true or false, got 'y'" in error_of(
+        write(tmp_path, MINIMAL), ("calibration.allow_overlap=y",)
+    )
+
+
 # --- --set -------------------------------------------------------------------------------------
 
 
@@ -418,7 +501,7 @@ calibration: {data: calib, format: images, num_images: 64, method: percentile, p
 quantization: {skip: [heads.*], per_channel_weights: false}
 export: {opset: 13, dynamic_batch: true}
 engines: {precisions: [int8], min_batch: 1, opt_batch: 4, max_batch: 8, hardware_compatibility: ampere_plus}
-validation: {data: val.json, max_images: 10, conf: 0}
+validation: {data: val.json, max_images: 10, conf: 0.001}
 benchmark: {batch_sizes: [1, 4], threads: 3, size: 640}
 output: {dir: somewhere, fail_on_drop: 1}
 """
@@ -439,7 +522,7 @@ def test_to_dict_round_trip_is_identity(path: Path | str, tmp_path: Path) -> Non
 def test_custom_values_survive(tmp_path: Path) -> None:
     recipe = load_recipe(write(tmp_path, CUSTOM))
     assert recipe.output.fail_on_drop == 1.0 and isinstance(recipe.output.fail_on_drop, float)
-    assert recipe.validation.conf == 0.0
+    assert recipe.validation.conf == 0.001
     assert recipe.model.class_names == ["a", "b"]
     assert recipe.output_dir == Path("somewhere")
 

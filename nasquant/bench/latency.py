@@ -9,6 +9,7 @@ End-to-end timing (pre + model + post) is host work and uses the host clock.
 from __future__ import annotations
 
 import gc
+import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -163,6 +164,7 @@ def benchmark_model(
     if batch < 1:
         raise NasquantError(f"batch size must be at least 1, got {batch}")
     _check_counts(warmup, iterations)
+    _check_input_fits(batch, imgsz)
     # A fixed seed, so every artifact of a run is timed on the very same input.
     images = np.random.default_rng(0).random((batch, 3, imgsz, imgsz), dtype=np.float32)
     # The backend times itself: the host clock around run(), or CUDA events on a GPU backend.
@@ -174,6 +176,18 @@ def benchmark_model(
         progress=progress,
     )
     return LatencyStats.from_durations(durations, batch=batch, warmup=warmup)
+
+
+def _check_input_fits(batch: int, imgsz: int) -> None:
+    """Refuse a batch whose float32 input alone would take half of this machine's memory: allocating it
+    fails (or wakes the OOM killer) after minutes of set-up, and the network needs many times more."""
+    needed = batch * 3 * imgsz * imgsz * 4
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if needed > total // 2:
+        raise NasquantError(
+            f"a batch of {batch} at {imgsz}px is {needed / 2**30:.1f} GiB of input alone; this machine has "
+            f"{total / 2**30:.1f} GiB: use a smaller batch"
+        )
 
 
 def benchmark_end_to_end(

@@ -8,6 +8,7 @@ COCO-format dict (``None`` for an unlabeled folder), which is what pycocotools e
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Iterator
@@ -17,12 +18,12 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import yaml
 from tqdm import tqdm
 
 from nasquant.data.preprocess import ImageTransform, Preprocess, preprocess, read_image
 from nasquant.data.sources import IMAGE_SUFFIXES, image_files
 from nasquant.errors import NasquantError
+from nasquant.safe_yaml import load_yaml
 
 # Image decoding (OpenCV releases the GIL) overlaps with the model when spread over a few threads.
 DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
@@ -157,11 +158,21 @@ def _find_coco_json(root: Path, split: str) -> Path | None:
     return None
 
 
+def read_text(path: Path, what: str) -> str:
+    """A dataset text file (label file, image list, yaml), or one line saying why it cannot be read."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise NasquantError(f"{what} {path} is not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise NasquantError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+
+
 def _read_coco_json(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise NasquantError(f"cannot read COCO json {path}: {exc}") from exc
+        data = json.loads(read_text(path, "COCO json"), parse_constant=_refuse_constant)
+    except (json.JSONDecodeError, RecursionError, ValueError) as exc:
+        raise NasquantError(f"cannot read COCO json {path}: {str(exc)[:200]}") from None
     if not isinstance(data, dict):
         raise NasquantError(f"{path} is not a COCO detection json: its top level is not an object")
     for key in ("images", "annotations", "categories"):
@@ -175,8 +186,18 @@ def _read_coco_json(path: Path) -> dict:
         for index, entry in enumerate(data[key]):
             if not isinstance(entry, dict) or any(field not in entry for field in fields):
                 raise NasquantError(f"{path}: {key} entry #{index} lacks {' or '.join(fields)}")
-    image_ids = [int(image["id"]) for image in data["images"]]
-    category_ids = {int(category["id"]) for category in data["categories"]}
+            # pycocotools matches detections to ground truth by id equality: "3" or 3.0 would
+            # silently match nothing, so ids are JSON integers, as in COCO itself.
+            if not _is_int(entry["id"]):
+                raise NasquantError(
+                    f"{path}: {key} entry #{index} has id {_short(entry['id'])}, not an integer"
+                )
+        if key == "images":
+            for index, entry in enumerate(data[key]):
+                if not isinstance(entry["file_name"], str) or not entry["file_name"]:
+                    raise NasquantError(f"{path}: images entry #{index} has no file name string")
+    image_ids = [image["id"] for image in data["images"]]
+    category_ids = {category["id"] for category in data["categories"]}
     if len(set(image_ids)) != len(image_ids):
         raise NasquantError(f"{path} lists the same image id more than once")
     if len(category_ids) != len(data["categories"]):
@@ -185,33 +206,79 @@ def _read_coco_json(path: Path) -> dict:
     return data
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _short(value: object) -> str:
+    """A value from a user's file, quoted for a message and cut short."""
+    text = repr(value) if not isinstance(value, list | dict) else f"a {type(value).__name__}"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _refuse_constant(name: str) -> float:
+    # Python's json reads NaN and Infinity, which are not JSON and never valid in a COCO file.
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def _check_coco_annotations(
     path: Path, annotations: list, image_ids: set[int], category_ids: set[int]
 ) -> None:
-    """Validate boxes and fill the fields pycocotools' evaluation needs but some exporters omit."""
+    """Validate boxes and fill the fields pycocotools' evaluation needs but some exporters omit.
+
+    A box must be four finite numbers with a positive width and height: pycocotools would keep a
+    degenerate box as ground truth that no detection can match, lowering every model's recall, so
+    it is refused (naming the annotation) rather than evaluated or silently dropped.
+    """
+    seen_ids: set[int] = set()
     for index, annotation in enumerate(annotations):
-        try:
-            box = [float(v) for v in annotation["bbox"]]
-            image_id, category_id = int(annotation["image_id"]), int(annotation["category_id"])
-        except (KeyError, TypeError, ValueError) as exc:
+        if not isinstance(annotation, dict):
+            raise NasquantError(f"{path}: annotation #{index} is not an object")
+        label = f"annotation #{index}" + (f" (id {_short(annotation['id'])})" if "id" in annotation else "")
+        for field in ("image_id", "category_id"):
+            if not _is_int(annotation.get(field)):
+                raise NasquantError(
+                    f"{path}: {label} has {field} {_short(annotation.get(field))}, not an integer"
+                )
+        box = annotation.get("bbox")
+        if not (isinstance(box, list) and len(box) == 4 and all(_is_number(v) for v in box)):
             raise NasquantError(
-                f"{path}: annotation #{index} has no valid bbox/image_id/category_id"
-            ) from exc
-        if len(box) != 4:
-            raise NasquantError(
-                f"{path}: annotation #{index} bbox must be [x, y, w, h], got {annotation['bbox']}"
+                f"{path}: {label} bbox must be [x, y, w, h] of finite numbers, got {_short(box)}"
             )
-        if image_id not in image_ids:
+        if box[2] <= 0 or box[3] <= 0:
             raise NasquantError(
-                f"{path}: annotation #{index} refers to image id {image_id}, which is not listed"
+                f"{path}: {label} has a box of width {box[2]} and height {box[3]}; sizes must be positive "
+                "(fix or remove the annotation)"
             )
-        if category_id not in category_ids:
+        if annotation["image_id"] not in image_ids:
             raise NasquantError(
-                f"{path}: annotation #{index} has category id {category_id}, which is not listed"
+                f"{path}: {label} refers to image id {annotation['image_id']}, which is not listed"
             )
+        if annotation["category_id"] not in category_ids:
+            raise NasquantError(
+                f"{path}: {label} has category id {annotation['category_id']}, which is not listed"
+            )
+        if "area" in annotation and not (_is_number(annotation["area"]) and annotation["area"] >= 0):
+            raise NasquantError(f"{path}: {label} has area {_short(annotation['area'])}, not a number >= 0")
+        if annotation.get("iscrowd", 0) not in (0, 1):
+            raise NasquantError(f"{path}: {label} has iscrowd {_short(annotation['iscrowd'])}, not 0 or 1")
+        if "id" in annotation:
+            # pycocotools indexes annotations by id: a repeated id silently drops ground truth.
+            if not _is_int(annotation["id"]) or annotation["id"] in seen_ids:
+                raise NasquantError(f"{path}: {label} has an id that is not a unique integer")
+            seen_ids.add(annotation["id"])
         annotation.setdefault("area", box[2] * box[3])
         annotation.setdefault("iscrowd", 0)
-        annotation.setdefault("id", index + 1)
+    # Ids for annotations without one, after every given id is known, so none collides.
+    next_id = max(seen_ids, default=0) + 1
+    for annotation in annotations:
+        if "id" not in annotation:
+            annotation["id"] = next_id
+            next_id += 1
 
 
 def _coco_images_dir(json_path: Path, first_file: str, split: str) -> Path:
@@ -232,14 +299,14 @@ def _coco_images_dir(json_path: Path, first_file: str, split: str) -> Path:
 
 def _from_coco_json(json_path: Path, images: str | os.PathLike | None, split: str) -> DetectionDataset:
     data = _read_coco_json(json_path)
-    first_file = str(data["images"][0]["file_name"])
+    first_file = data["images"][0]["file_name"]
     if images is None:
         images_dir = _coco_images_dir(json_path, first_file, split)
     else:
         images_dir = Path(images)
         if not images_dir.is_dir():
             raise NasquantError(f"images folder not found: {images_dir}")
-    paths = [images_dir / str(image["file_name"]) for image in data["images"]]
+    paths = [images_dir / image["file_name"] for image in data["images"]]
     missing = [p for p in paths if not p.is_file()]
     if missing:
         raise NasquantError(
@@ -248,13 +315,13 @@ def _from_coco_json(json_path: Path, images: str | os.PathLike | None, split: st
         )
     # Contiguous class order is ascending category id: COCO's 80 classes in the order Deci's and
     # Ultralytics' pretrained heads predict them.
-    categories = sorted(data["categories"], key=lambda c: int(c["id"]))
+    categories = sorted(data["categories"], key=lambda c: c["id"])
     return DetectionDataset(
         name=str(json_path),
         image_paths=paths,
-        image_ids=[int(image["id"]) for image in data["images"]],
+        image_ids=[image["id"] for image in data["images"]],
         class_names=[str(c["name"]) for c in categories],
-        category_ids=[int(c["id"]) for c in categories],
+        category_ids=[c["id"] for c in categories],
         coco=data,
     )
 
@@ -264,10 +331,7 @@ def _from_coco_json(json_path: Path, images: str | os.PathLike | None, split: st
 
 
 def _from_yolo_yaml(yaml_path: Path, split: str) -> DetectionDataset:
-    try:
-        config = yaml.safe_load(yaml_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise NasquantError(f"cannot read data yaml {yaml_path}: {exc}") from exc
+    config = load_yaml(read_text(yaml_path, "data yaml"), f"data yaml {yaml_path}")
     if not isinstance(config, dict):
         raise NasquantError(f"{yaml_path} is not an Ultralytics data yaml (expected a mapping)")
     if not config.get(split):
@@ -276,11 +340,15 @@ def _from_yolo_yaml(yaml_path: Path, split: str) -> DetectionDataset:
     names = _yolo_names(yaml_path, config)
     # Unlike Ultralytics (which resolves it under its datasets dir), a relative `path` is read
     # relative to the yaml itself, so a dataset folder can be moved or shared as a whole.
-    root = Path(os.path.expanduser(str(config.get("path") or ".")))
+    if not isinstance(config.get("path") or ".", str):
+        raise NasquantError(f"{yaml_path}: 'path' must be a folder path")
+    root = Path(os.path.expanduser(config.get("path") or "."))
     if not root.is_absolute():
         root = yaml_path.parent / root
     entries = config[split] if isinstance(config[split], list) else [config[split]]
-    paths = sorted({p for entry in entries for p in _yolo_image_list(yaml_path, root, str(entry))})
+    if not all(isinstance(entry, str) for entry in entries):
+        raise NasquantError(f"{yaml_path}: the {split!r} split must be a path or a list of paths")
+    paths = sorted({p for entry in entries for p in _yolo_image_list(yaml_path, root, entry)})
     if not paths:
         raise NasquantError(f"{yaml_path}: the {split!r} split has no images")
 
@@ -313,24 +381,23 @@ def _from_yolo_yaml(yaml_path: Path, split: str) -> DetectionDataset:
 
 def _yolo_names(yaml_path: Path, config: dict) -> list[str]:
     raw, nc = config.get("names"), config.get("nc")
+    if nc is not None and not (_is_int(nc) and nc >= 1):
+        raise NasquantError(f"{yaml_path}: 'nc' must be a positive integer, got {_short(nc)}")
     if raw is None:
-        if not isinstance(nc, int) or nc < 1:
+        if nc is None:
             raise NasquantError(f"{yaml_path} has neither 'names' nor a positive 'nc'")
         return [f"class{i}" for i in range(nc)]
     if isinstance(raw, dict):
-        try:
-            by_index = {int(k): str(v) for k, v in raw.items()}
-        except ValueError as exc:
-            raise NasquantError(f"{yaml_path}: 'names' keys must be class indices 0..N-1") from exc
-        if sorted(by_index) != list(range(len(by_index))):
-            raise NasquantError(
-                f"{yaml_path}: 'names' keys must be class indices 0..N-1, got {sorted(by_index)}"
-            )
-        names = [by_index[i] for i in range(len(by_index))]
+        if not all(_is_int(k) for k in raw) or sorted(raw) != list(range(len(raw))):
+            raise NasquantError(f"{yaml_path}: 'names' keys must be the class indices 0..N-1")
+        values = [raw[i] for i in range(len(raw))]
     elif isinstance(raw, list):
-        names = [str(n) for n in raw]
+        values = raw
     else:
         raise NasquantError(f"{yaml_path}: 'names' must be a list or an index -> name mapping")
+    if not all(isinstance(name, str | int | float) and not isinstance(name, bool) for name in values):
+        raise NasquantError(f"{yaml_path}: every class name must be a string")
+    names = [str(name) for name in values]
     if not names:
         raise NasquantError(f"{yaml_path}: 'names' is empty")
     if nc is not None and nc != len(names):
@@ -346,7 +413,7 @@ def _yolo_image_list(yaml_path: Path, root: Path, entry: str) -> list[Path]:
         return [p for p in location.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
     if location.is_file() and location.suffix.lower() == ".txt":
         listed = []
-        for line in location.read_text(encoding="utf-8").splitlines():
+        for line in read_text(location, "image list").splitlines():
             if line.strip():
                 # Relative entries ("./images/x.jpg") are relative to the list file's folder.
                 image = Path(line.strip())
@@ -377,7 +444,7 @@ def _yolo_labels(
     if not label_path.is_file():
         return []
     boxes = []
-    for line_no, line in enumerate(label_path.read_text(encoding="utf-8").splitlines(), start=1):
+    for line_no, line in enumerate(read_text(label_path, "label file").splitlines(), start=1):
         fields = line.split()
         if not fields:
             continue
@@ -403,6 +470,8 @@ def _yolo_labels(
         else:
             xs, ys = coords[0::2], coords[1::2]
             x1, y1, w, h = xs.min(), ys.min(), xs.max() - xs.min(), ys.max() - ys.min()
+        if w <= 0 or h <= 0:  # the COCO rule: no degenerate ground truth
+            raise NasquantError(f"{where}: the box has zero width or height: {line.strip()!r}")
         boxes.append(
             (class_index, float(x1 * width), float(y1 * height), float(w * width), float(h * height))
         )

@@ -15,12 +15,23 @@ import cv2
 import numpy as np
 
 from nasquant.errors import NasquantError
+from nasquant.formats import MAX_INPUT_SIZE, MAX_STRIDE
 
 PROTOCOLS = ("sg", "letterbox")
 ROUNDINGS = ("floor", "round")
 
 # Deci evaluates YOLO-NAS on COCO with the long side resized to 636 inside a 640 canvas.
 _SG_RESIZE, _SG_CANVAS = 636, 640
+
+
+def check_input_size(size: int, what: str = "input size") -> int:
+    """``size`` if it is a network input side YOLO-NAS can take (a multiple of 32, 32..8192)."""
+    valid = isinstance(size, int) and not isinstance(size, bool) and MAX_STRIDE <= size <= MAX_INPUT_SIZE
+    if not valid or size % MAX_STRIDE:
+        raise NasquantError(
+            f"{what} must be a multiple of {MAX_STRIDE} from {MAX_STRIDE} to {MAX_INPUT_SIZE}, got {size!r}"
+        )
+    return size
 
 
 @dataclass(frozen=True)
@@ -38,8 +49,12 @@ class Preprocess:
     rounding: str = "floor"
 
     def __post_init__(self) -> None:
-        if self.imgsz < 1:
-            raise NasquantError(f"image size must be a positive number of pixels, got {self.imgsz}")
+        for name in ("imgsz", "resize", "pad_value"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise NasquantError(f"preprocessing {name} must be an integer, got {value!r}")
+        if not 1 <= self.imgsz <= MAX_INPUT_SIZE:
+            raise NasquantError(f"image size must be from 1 to {MAX_INPUT_SIZE} pixels, got {self.imgsz}")
         if not 1 <= self.resize <= self.imgsz:
             raise NasquantError(
                 f"resize target {self.resize} must be between 1 and the input size {self.imgsz}"
@@ -53,17 +68,18 @@ class Preprocess:
     def from_protocol(cls, protocol: str, imgsz: int, *, model_processing: dict | None = None) -> Preprocess:
         """The preprocessing of a named protocol at input size ``imgsz``.
 
-        ``sg``: super-gradients' COCO evaluation (long side 636 of 640, rounded down), or the resize
-        and pad value the checkpoint recorded (``{"resize", "imgsz", "pad_value"}``), scaled to
-        ``imgsz``. ``letterbox``: Ultralytics' (long side ``imgsz``, rounded to nearest).
+        ``sg``: super-gradients' COCO evaluation (long side 636 of 640, rounded down, as its COCO
+        dataset does), or the resize and pad value the checkpoint recorded (``{"resize", "imgsz",
+        "pad_value"}``), scaled to ``imgsz`` and rounded to nearest, as super-gradients' own
+        ``DetectionLongestMaxSizeRescale`` (the pipeline such a checkpoint records) does.
+        ``letterbox``: Ultralytics' (long side ``imgsz``, rounded to nearest).
         """
         if protocol == "sg":
             processing = model_processing or {}
             if "resize" in processing and "imgsz" in processing:
                 resize = round(int(processing["resize"]) * imgsz / int(processing["imgsz"]))
-            else:
-                resize = imgsz * _SG_RESIZE // _SG_CANVAS
-            return cls(imgsz, resize, int(processing.get("pad_value", 114)), "floor")
+                return cls(imgsz, resize, int(processing.get("pad_value", 114)), "round")
+            return cls(imgsz, imgsz * _SG_RESIZE // _SG_CANVAS, 114, "floor")
         if protocol == "letterbox":
             return cls(imgsz, imgsz, 114, "round")
         raise NasquantError(

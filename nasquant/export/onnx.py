@@ -19,7 +19,9 @@ import torch
 from google.protobuf.message import DecodeError
 
 from nasquant import __version__
+from nasquant.data.preprocess import check_input_size
 from nasquant.errors import NasquantError
+from nasquant.formats import MAX_OPSET, MIN_OPSET
 from nasquant.io import atomic_path
 
 #: JSON list of class names, index = class id
@@ -48,9 +50,6 @@ KEY_FP_LAYERS = "nasquant.fp_layers"
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("boxes", "scores")
 BATCH_AXIS = "batch"
-#: QuantizeLinear/DequantizeLinear with per-channel ``axis`` exist from opset 13 on.
-MIN_OPSET = 13
-MAX_STRIDE = 32
 
 
 def export_onnx(
@@ -71,12 +70,12 @@ def export_onnx(
     holds QuantizeLinear nodes, else ``fp32``, unless given) are recorded by the export itself.
     ``simplify`` constant-folds and cleans the graph with onnxslim, keeping every Q/DQ node.
     """
-    if opset < MIN_OPSET:
+    if not MIN_OPSET <= opset <= MAX_OPSET:
         raise NasquantError(
-            f"ONNX opset must be at least {MIN_OPSET} (Q/DQ per-channel quantization), got {opset}"
+            f"ONNX opset must be from {MIN_OPSET} (per-channel Q/DQ) to {MAX_OPSET} (the highest torch's "
+            f"TorchScript exporter writes), got {opset}"
         )
-    if imgsz < MAX_STRIDE or imgsz % MAX_STRIDE:
-        raise NasquantError(f"export input size must be a positive multiple of {MAX_STRIDE}, got {imgsz}")
+    check_input_size(imgsz, "export input size")
     if batch < 1:
         raise NasquantError(f"export batch size must be at least 1, got {batch}")
     _check_metadata(metadata or {})  # fail before tracing, not after
@@ -114,9 +113,14 @@ def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:
     if not path.is_file():
         raise NasquantError(f"ONNX model not found: {path}")
     try:
-        return onnx.load(str(path))
-    except DecodeError as exc:  # not an ONNX protobuf (truncated, or another format)
-        raise NasquantError(f"cannot read ONNX model {path}: {_first_line(exc)}") from exc
+        model = onnx.load(str(path))
+    # not an ONNX protobuf (truncated, or another format); external data missing, or outside the
+    # model's folder (onnx refuses to read such paths)
+    except (DecodeError, onnx.checker.ValidationError, OSError) as exc:
+        raise NasquantError(f"cannot read ONNX model {path}: {_first_line(exc)}") from None
+    if not model.graph.node:
+        raise NasquantError(f"cannot read ONNX model {path}: it holds no graph (an empty or foreign file?)")
+    return model
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:

@@ -28,7 +28,10 @@ def save_calibration(model: nn.Module, path: str | os.PathLike, *, settings: dic
     """Write the calibrated ranges and the settings they came from (``method``, ``per_channel_weights``...)."""
     path = Path(path)
     with atomic_path(path) as tmp:
-        save_file(calibration_ranges(model), str(tmp), metadata={k: str(v) for k, v in settings.items()})
+        try:
+            save_file(calibration_ranges(model), str(tmp), metadata={k: str(v) for k, v in settings.items()})
+        except SafetensorError as exc:  # safetensors reports a full disk as its own error type
+            raise OSError(f"cannot write {path}: {exc}") from None
     return path
 
 

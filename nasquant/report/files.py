@@ -53,11 +53,37 @@ def load_report(path_or_run_dir: str | os.PathLike) -> dict[str, Any]:
         raise NasquantError(f"report not found: {path}")
     try:
         report = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise NasquantError(f"{path} is not a valid report.json: {exc}") from exc
-    if not isinstance(report, dict) or not isinstance(report.get("rows"), list):
-        raise NasquantError(f"{path} is not a nasquant report: it has no list of rows")
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise NasquantError(f"{path} is not a valid report.json: {str(exc)[:200]}") from None
+    problem = _shape_problem(report)
+    if problem is not None:
+        raise NasquantError(f"{path} is not a nasquant report: {problem}")
     return report
+
+
+# The fields every consumer (the Markdown views, the CI gate) reads without checking each time.
+_ROW_STRINGS = ("name", "backend", "precision", "status")
+
+
+def _shape_problem(report: Any) -> str | None:
+    """What makes ``report`` unusable as a report dict, or None. Values are not judged here: a NaN
+    or a string where an mAP belongs is shown as invalid, and fails the CI gate, not the reading."""
+    if not isinstance(report, dict) or not isinstance(report.get("rows"), list):
+        return "it has no list of rows"
+    for key in ("recipe", "host"):
+        if not isinstance(report.get(key, {}), dict):
+            return f"its {key!r} is not an object"
+    for index, row in enumerate(report["rows"]):
+        if not isinstance(row, dict):
+            return f"row #{index} is not an object"
+        missing = [key for key in _ROW_STRINGS if not isinstance(row.get(key), str)]
+        if missing:
+            return f"row #{index} has no {missing[0]!r} text"
+        if not isinstance(row.get("extra", {}), dict) or not isinstance(row.get("skipped_layers", []), list):
+            return f"row #{index} ({row['name']}): 'extra' must be an object and 'skipped_layers' a list"
+        if row.get("flavor") is not None and not isinstance(row["flavor"], str):
+            return f"row #{index} ({row['name']}): 'flavor' must be text"
+    return None
 
 
 def compare_reports(run_dirs: Sequence[str | os.PathLike]) -> str:

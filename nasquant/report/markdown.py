@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from nasquant.report.rows import SKIPPED_PREFIX
+from nasquant.report.rows import SKIPPED_PREFIX, finite_number
 
 _NONE = "—"
 
@@ -29,18 +29,24 @@ _TABLE_COLUMNS = (
 )
 
 
-def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
-    return _NONE if value is None else f"{value:{spec}}{suffix}"
+#: shown for a value a report.json holds where a number belongs but that is none (NaN, text, ...)
+_INVALID = "invalid"
 
 
-def percent(fraction: float | None) -> str:
+def _fmt(value: Any, spec: str, suffix: str = "", *, scale: float = 1.0) -> str:
+    if value is None:
+        return _NONE
+    return f"{value * scale:{spec}}{suffix}" if finite_number(value) else _INVALID
+
+
+def percent(fraction: Any) -> str:
     """mAP fraction -> percentage with 2 decimals: ``0.475 -> "47.50"``."""
-    return _NONE if fraction is None else f"{fraction * 100:.2f}"
+    return _fmt(fraction, ".2f", scale=100)
 
 
-def points(delta: float | None) -> str:
+def points(delta: Any) -> str:
     """mAP difference (fractions) -> signed points: ``-0.0021 -> "-0.21"``."""
-    return _NONE if delta is None else f"{delta * 100:+.2f}"
+    return _fmt(delta, "+.2f", scale=100)
 
 
 def _cell(text: Any) -> str:
@@ -181,7 +187,7 @@ def _by_name(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {row["name"]: row for row in report.get("rows", [])}
 
 
-def _measured(row: dict[str, Any] | None, key: str) -> float | None:
+def _measured(row: dict[str, Any] | None, key: str) -> Any:
     return None if row is None or row.get("status") != "ok" else row.get(key)
 
 
@@ -194,10 +200,14 @@ def _side_by_side(
     ]
 
 
-def _relative(base: float | None, value: float | None) -> str:
-    if base is None or value is None or base == 0:
+def _relative(base: Any, value: Any) -> str:
+    if not (finite_number(base) and finite_number(value)) or base == 0:
         return _NONE
     return f"{(value / base - 1) * 100:+.1f}%"
+
+
+def _difference(value: Any, base: Any) -> str:
+    return points(value - base) if finite_number(value) and finite_number(base) else _NONE
 
 
 def render_comparison(reports: Sequence[tuple[str, dict[str, Any]]]) -> str:
@@ -230,7 +240,7 @@ def render_comparison(reports: Sequence[tuple[str, dict[str, Any]]]) -> str:
         body.append(
             [name]
             + _side_by_side(rows, "map50_95", percent)
-            + [points(m - maps[0]) if None not in (m, maps[0]) else _NONE for m in maps[1:]]
+            + [_difference(m, maps[0]) for m in maps[1:]]
             + _side_by_side(rows, "p50_ms", lambda v: _fmt(v, ".2f"))
             + [_relative(p50s[0], p) for p in p50s[1:]]
         )

@@ -149,35 +149,53 @@ def finalize_rows(rows: list[ReportRow]) -> list[ReportRow]:
     return finalized
 
 
-def check_drop(report: dict[str, Any], max_drop_points: float) -> list[str]:
-    """CI gate: a message for every INT8 row whose mAP50-95 fell more than ``max_drop_points``.
+def finite_number(value: object) -> bool:
+    """True for an int or float that is neither NaN nor infinite (bools are not numbers here)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
-    The threshold is in mAP *points* (0.5 means 0.005 as a fraction); a drop exactly at the
-    threshold passes. An INT8 row measured without an FP32 reference fails, and so does a report
-    with no measured INT8 row at all: a gate that checked nothing must not pass. Skipped INT8 rows
-    (no TensorRT here, no GPU) are not failures. Returns an empty list when the gate passes.
+
+def check_drop(report: dict[str, Any], max_drop_points: float) -> list[str]:
+    """CI gate: a message for every INT8 row that fails it; an empty list when the gate passes.
+
+    The gate fails closed. An INT8 row fails when its mAP50-95 fell more than ``max_drop_points``
+    (mAP *points*: 0.5 means 0.005 as a fraction; a drop exactly at the threshold passes), when its
+    mAP or its drop is missing, NaN or not a number, or when it is marked anything but ``ok`` or
+    ``skipped: <reason>`` (a row marked failed). A report with no measured INT8 row fails too: a gate
+    that checked nothing must not pass. Skipped INT8 rows (no TensorRT here, no GPU) are not failures.
     """
-    if not math.isfinite(max_drop_points) or max_drop_points < 0:
+    if not finite_number(max_drop_points) or max_drop_points < 0:
         raise NasquantError(f"maximum mAP drop must be a number of points >= 0, got {max_drop_points!r}")
     failures = []
     checked = 0
     for row in report.get("rows", []):
-        if row.get("precision") != "int8" or row.get("status") != "ok" or row.get("map50_95") is None:
+        if row.get("precision") != "int8":
+            continue
+        name, status = row.get("name"), row.get("status")
+        if isinstance(status, str) and status.startswith(SKIPPED_PREFIX):
             continue
         checked += 1
-        delta = row.get("delta_map50_95")
-        if delta is None:
-            failures.append(f"{row['name']}: no FP32 reference row to measure its mAP drop against")
+        if status != "ok":
+            failures.append(f"{name}: the row is marked {status!r}, not measured")
             continue
-        drop_points = -delta * 100
-        if drop_points > max_drop_points + _POINTS_TOLERANCE:
+        value, delta = row.get("map50_95"), row.get("delta_map50_95")
+        if not finite_number(value):
+            failures.append(f"{name}: mAP50-95 is {_shown(value)}, not a measured number")
+        elif delta is None:
+            failures.append(f"{name}: no FP32 reference row to measure its mAP drop against")
+        elif not finite_number(delta):
+            failures.append(f"{name}: its mAP drop vs FP32 is {_shown(delta)}, not a number")
+        elif -delta * 100 > max_drop_points + _POINTS_TOLERANCE:
             failures.append(
-                f"{row['name']}: mAP50-95 dropped {drop_points:.2f} points vs FP32 "
-                f"(allowed {max_drop_points:g})"
+                f"{name}: mAP50-95 dropped {-delta * 100:.2f} points vs FP32 (allowed {max_drop_points:g})"
             )
     if checked == 0:
         failures.append("no INT8 row with a measured mAP50-95 in the report: nothing to check")
     return failures
+
+
+def _shown(value: object) -> str:
+    text = "missing" if value is None else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def artifact_size_mb(path: str | os.PathLike) -> float:

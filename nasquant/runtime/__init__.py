@@ -3,8 +3,9 @@
 import os
 from pathlib import Path
 
+from nasquant.errors import NasquantError
 from nasquant.formats import ENGINE_SUFFIXES
-from nasquant.runtime.base import Backend
+from nasquant.runtime.base import Backend, parse_device
 from nasquant.runtime.torch_backend import TorchBackend, resolve_device
 
 __all__ = [
@@ -14,6 +15,7 @@ __all__ = [
     "TorchBackend",
     "load_backend",
     "optimized_op_types",
+    "parse_device",
     "resolve_device",
 ]
 
@@ -40,8 +42,10 @@ def load_backend(
     if suffix in ENGINE_SUFFIXES:
         from nasquant.runtime.tensorrt_backend import TensorRTBackend
 
-        index = int(device.split(":", 1)[1]) if device and ":" in device else 0
-        return TensorRTBackend(path, device=index)
+        kind, index = parse_device(device) or ("cuda", None)
+        if kind != "cuda":
+            raise NasquantError(f"TensorRT engines run on a CUDA device, not {device!r}; use cuda or cuda:N")
+        return TensorRTBackend(path, device=index or 0)
     from nasquant.runtime.onnxruntime_backend import OnnxRuntimeBackend
 
     return OnnxRuntimeBackend(path, device=device, threads=threads)

@@ -6,10 +6,27 @@ polygraphy puts every runtime behind one small runner interface.
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from time import perf_counter_ns
 
 import numpy as np
+
+from nasquant.errors import NasquantError
+
+_DEVICE = re.compile(r"(cpu|cuda)(?::([0-9]{1,3}))?")
+
+
+def parse_device(device: str | None) -> tuple[str, int | None] | None:
+    """``"cpu"`` / ``"cuda"`` / ``"cuda:N"`` as ``(kind, index)``; None (or ``""``/``"auto"``) for
+    "CUDA when present". Every backend reads ``--device`` through this one rule: torch's other device
+    types (meta, mps, ...) and malformed strings are refused here, in one line."""
+    if device in (None, "", "auto"):
+        return None
+    match = _DEVICE.fullmatch(device) if isinstance(device, str) else None
+    if match is None or (match.group(1) == "cpu" and match.group(2) is not None):
+        raise NasquantError(f"unknown device {device!r}; use cpu, cuda or cuda:N")
+    return match.group(1), int(match.group(2)) if match.group(2) is not None else None
 
 
 class Backend(ABC):

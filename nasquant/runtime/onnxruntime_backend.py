@@ -10,12 +10,19 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidGraph, InvalidProtobuf
+from onnxruntime.capi.onnxruntime_pybind11_state import (
+    Fail,
+    InvalidArgument,
+    InvalidGraph,
+    InvalidProtobuf,
+    NoModel,
+    NoSuchFile,
+)
 from onnxruntime.capi.onnxruntime_pybind11_state import NotImplemented as OrtNotImplemented
 
 from nasquant.errors import NasquantError
 from nasquant.export.onnx import KEY_PRECISION, OUTPUT_NAMES
-from nasquant.runtime.base import Backend
+from nasquant.runtime.base import Backend, parse_device
 
 OPTIMIZATION_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -139,22 +146,27 @@ def _options(optimization_level: str, threads: int | None) -> ort.SessionOptions
 def _providers(device: str | None) -> tuple[list, str]:
     """Execution providers for ``device`` and the device string to report."""
     available = ort.get_available_providers()
-    if device in (None, "", "auto"):
-        device = "cuda" if _CUDA in available else "cpu"
-    if device == "cpu":
+    kind, index = parse_device(device) or ("cuda" if _CUDA in available else "cpu", None)
+    if kind == "cpu":
         return [_CPU], "cpu"
-    kind, _, index = device.partition(":")
-    if kind != "cuda" or (index and not index.isdigit()):
-        raise NasquantError(f"unknown device {device!r}; use cpu, cuda or cuda:N")
     if _CUDA not in available:
         raise NasquantError(f"device {device!r} requested but this onnxruntime build has no CUDA provider")
-    return [(_CUDA, {"device_id": int(index or 0)}), _CPU], device
+    return [(_CUDA, {"device_id": index or 0}), _CPU], f"cuda:{index or 0}"
 
 
 def _session(path: Path, providers: list, options: ort.SessionOptions) -> ort.InferenceSession:
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=providers)
-    except (InvalidProtobuf, InvalidGraph, OrtNotImplemented, Fail) as exc:  # not a model ORT can run
+    # Not a model ORT can run: empty or truncated file, unknown operator, external data it may not read.
+    except (
+        InvalidProtobuf,
+        InvalidGraph,
+        InvalidArgument,
+        NoModel,
+        NoSuchFile,
+        OrtNotImplemented,
+        Fail,
+    ) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise NasquantError(f"cannot load ONNX model {path}: {first}") from exc
 

@@ -8,22 +8,25 @@ import numpy as np
 import torch
 
 from nasquant.errors import NasquantError
-from nasquant.runtime.base import Backend
+from nasquant.runtime.base import Backend, parse_device
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
 
 
 def resolve_device(device: str | None) -> torch.device:
     """``None``/``"auto"`` picks CUDA when present; otherwise the named device, checked to exist."""
-    if device in (None, "", "auto"):
+    parsed = parse_device(device)
+    if parsed is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError as exc:
-        raise NasquantError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from exc
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise NasquantError(f"device {device!r} requested but no CUDA device is available")
-    return resolved
+    kind, index = parsed
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise NasquantError(f"device {device!r} requested but no CUDA device is available")
+        if index is not None and index >= torch.cuda.device_count():
+            raise NasquantError(
+                f"device {device!r} requested but there are {torch.cuda.device_count()} CUDA devices"
+            )
+    return torch.device(kind, index)
 
 
 class TorchBackend(Backend):

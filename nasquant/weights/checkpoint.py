@@ -7,8 +7,10 @@ Formats are recognised by their content, not their extension: a torch zip (super
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
+import re
 import struct
 import warnings
 import zipfile
@@ -21,9 +23,16 @@ import torch
 from safetensors import safe_open
 
 from nasquant.errors import NasquantError
+from nasquant.formats import MAX_INPUT_SIZE
 from nasquant.models.yolo_nas import VARIANTS, normalize_variant
 from nasquant.weights.hub import file_sha256, resolve_source
-from nasquant.weights.safe_pickle import PickledObject, TensorRecord, TorchZipReader, module_state_dict
+from nasquant.weights.safe_pickle import (
+    PickledObject,
+    TensorRecord,
+    TorchZipReader,
+    check_pickle_structure,
+    module_state_dict,
+)
 
 # Shapes that tell the variants apart (super-gradients 3.7.1 arch params). Each is the output or
 # input width of a plain conv, so it survives QARepVGG re-parameterization and Conv+BN folding:
@@ -48,6 +57,9 @@ _HEADS = ("heads.head1", "heads.head2", "heads.head3")
 _CONTAINER_KEYS = ("ema_net", "net", "model", "state_dict")
 _STRIPPED_PREFIXES = ("module.", "net.")
 _DEFAULT_PAD_VALUE = 114
+# Pixel counts in metadata: plain decimal, at most 6 digits (int() of a 5,000-digit string raises).
+_PIXELS = re.compile(r"[0-9]{1,6}")
+_INPUT_SIZE = re.compile(r"\s*([0-9]{1,6})\s*x\s*([0-9]{1,6})\s*")
 
 
 @dataclass
@@ -95,6 +107,7 @@ def load_checkpoint(
     requested = normalize_variant(variant) if variant is not None else None
     path = resolve_source(source, sha256=sha256, cache_dir=cache_dir, progress=progress)
     contents = _read(path)
+    _check_processing(contents.processing, path)
     tensors = _strip_prefixes(contents.tensors, path)
     try:
         found = infer_variant(tensors)
@@ -184,6 +197,11 @@ def _read(path: Path) -> _Contents:
     raise _unreadable(path, _describe(head, size))
 
 
+def _shown(value: str) -> str:
+    """A metadata value quoted for a message, cut short: files may hold anything there."""
+    return repr(value) if len(value) <= 40 else repr(value[:37] + "...")
+
+
 def _unreadable(path: Path, reason: str) -> NasquantError:
     return NasquantError(f"{path} is not a readable YOLO-NAS checkpoint ({reason})")
 
@@ -223,29 +241,34 @@ def _looks_like_safetensors(head: bytes, size: int) -> bool:
 
 
 def _read_torch_zip(path: Path) -> _Contents:
-    # torch does not check the zip's CRCs, so a damaged download would load as silently wrong weights.
     try:
-        with zipfile.ZipFile(path) as archive:
-            damaged = archive.testzip()
-    except (OSError, zipfile.BadZipFile) as exc:
+        # Opening checks the pickle's structure first: torch's weights-only loader below unpickles
+        # too, and a crafted nesting would stall it as much as ours.
+        reader = TorchZipReader(path)
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
         raise _unreadable(path, _first_line(exc)) from None
-    if damaged is not None:
-        raise _unreadable(path, f"damaged zip archive: record {damaged} fails its CRC check")
-    # torch's own weights-only loader first: it reads plain state-dict files (super-gradients .pth)
-    # and refuses anything that pickles objects, which the allow-list reader then handles.
-    try:
-        payload = _torch_load_weights_only(path)
-    except Exception:
-        pass
-    else:
-        return _contents(payload, path)
-    try:
-        with TorchZipReader(path) as reader:
+    with reader:
+        # torch does not check the zip's CRCs, so a damaged download would load as silently wrong weights.
+        try:
+            damaged = reader.damaged_record()
+        except (OSError, zipfile.BadZipFile) as exc:
+            raise _unreadable(path, _first_line(exc)) from None
+        if damaged is not None:
+            raise _unreadable(path, f"damaged zip archive: record {damaged} fails its CRC check")
+        # torch's own weights-only loader first: it reads plain state-dict files (super-gradients .pth)
+        # and refuses anything that pickles objects, which the allow-list reader then handles.
+        try:
+            payload = _torch_load_weights_only(path)
+        except Exception:
+            pass
+        else:
+            return _contents(payload, path)
+        try:
             return _contents(reader.load(), path, reader)
-    except NasquantError:
-        raise
-    except Exception as exc:
-        raise _unreadable(path, _first_line(exc)) from None
+        except NasquantError:
+            raise
+        except Exception as exc:
+            raise _unreadable(path, _first_line(exc)) from None
 
 
 def _torch_load_weights_only(path: Path) -> Any:
@@ -259,6 +282,13 @@ def _torch_load_weights_only(path: Path) -> Any:
 def _read_legacy_torch(path: Path) -> _Contents:
     # Pre-1.6 torch files are not zip archives; torch's weights-only loader still reads those that
     # hold only tensors and containers. Pickled objects in that format are not supported.
+    try:
+        with path.open("rb") as handle:
+            # magic number, format version, system info, the object, its storage keys: five pickles
+            for _ in range(5):
+                check_pickle_structure(handle)
+    except (OSError, ValueError) as exc:
+        raise _unreadable(path, f"an old-style (non-zip) torch pickle: {_first_line(exc)}") from None
     try:
         payload = _torch_load_weights_only(path)
     except Exception as exc:
@@ -355,10 +385,23 @@ def _processing(steps: list[tuple[str, dict]]) -> dict | None:
             pad = (_side(params.get("output_shape")), params.get("pad_value", _DEFAULT_PAD_VALUE))
         elif name in ("DetectionBottomRightPadding", "DetectionRescale", "DetectionPaddedRescale"):
             return None
-    if pad is None or pad[0] is None or not isinstance(pad[1], int | float):
+    if pad is None or pad[0] is None or not isinstance(pad[1], int | float) or not math.isfinite(pad[1]):
         return None
     imgsz, pad_value = pad
     return {"resize": resize or imgsz, "imgsz": imgsz, "pad_value": int(pad_value)}
+
+
+def _check_processing(processing: dict | None, path: Path) -> None:
+    """A recorded preprocessing must describe a real image: a resize within a canvas nasquant can run."""
+    if processing is None:
+        return
+    resize, imgsz, pad = processing["resize"], processing["imgsz"], processing["pad_value"]
+    if not (1 <= resize <= imgsz <= MAX_INPUT_SIZE and 0 <= pad <= 255):
+        raise _unreadable(
+            path,
+            f"its recorded preprocessing is impossible: long side {resize} in a {imgsz}-px input padded "
+            f"with {pad} (need 1 <= long side <= input <= {MAX_INPUT_SIZE}, pad 0..255)",
+        )
 
 
 def _side(shape: Any) -> int | None:
@@ -390,17 +433,17 @@ def _safetensors_processing(metadata: dict[str, str], path: Path) -> dict | None
     processing: dict[str, int] = {}
     size = metadata.get("input_size")
     if size:
-        parts = size.lower().split("x")
-        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-            raise _unreadable(path, f"metadata input_size {size!r} is not HxW")
-        side = max(int(p) for p in parts)
+        match = _INPUT_SIZE.fullmatch(size.strip().lower())
+        if match is None:
+            raise _unreadable(path, f"metadata input_size {_shown(size)} is not HxW")
+        side = max(int(match.group(1)), int(match.group(2)))
         processing = {"resize": side, "imgsz": side, "pad_value": _DEFAULT_PAD_VALUE}
     for key in ("resize", "imgsz", "pad_value"):
         value = metadata.get(f"processing_{key}")
         if value is None:
             continue
-        if not value.strip().isdigit():
-            raise _unreadable(path, f"metadata processing_{key} {value!r} is not an integer")
+        if not _PIXELS.fullmatch(value.strip()):
+            raise _unreadable(path, f"metadata processing_{key} {_shown(value)} is not an integer")
         processing[key] = int(value)
     if not processing:
         return None
@@ -423,7 +466,11 @@ def _check_declared(path: Path, declared: dict[str, str], variant: str, classes:
 
 
 def _strip_prefixes(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
-    """Drop DataParallel/wrapper prefixes (``module.``, ``net.``, repeated) and make floats float32."""
+    """Drop DataParallel/wrapper prefixes (``module.``, ``net.``, repeated) and make floats float32.
+
+    Refuses a tensor that claims more elements than its storage holds (a stride-0 view: the float32
+    copy would allocate them all) and weights that are NaN or infinite (they run, and score 0 mAP).
+    """
     out: dict[str, torch.Tensor] = {}
     for key, value in tensors.items():
         if not isinstance(value, torch.Tensor):
@@ -433,5 +480,16 @@ def _strip_prefixes(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, t
             name = name.split(".", 1)[1]
         if name in out:
             raise _unreadable(path, f"two tensors are both named {name} once prefixes are removed")
-        out[name] = value.float() if value.is_floating_point() else value
+        stored = value.untyped_storage().nbytes() // value.element_size()
+        if value.numel() > stored:
+            raise _unreadable(
+                path, f"tensor {key} claims {value.numel():,} elements but its storage holds {stored:,}"
+            )
+        if value.is_floating_point():
+            value = value.float()
+            if not bool(torch.isfinite(value).all()):
+                raise NasquantError(
+                    f"{path}: tensor {key} holds NaN or infinite values; the weights are broken"
+                )
+        out[name] = value
     return out

@@ -12,7 +12,9 @@ other global is refused before it can be called.
 from __future__ import annotations
 
 import io
+import math
 import pickle
+import pickletools
 import sys
 import zipfile
 from collections import OrderedDict
@@ -228,7 +230,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
             and isinstance(pid[2], str)
             and type(pid[4]) is int
         ):
-            raise ValueError(f"unsupported persistent record {str(pid)[:80]}")
+            # Described by its type only: str() of a crafted record can be astronomically long.
+            raise ValueError(f"unsupported persistent record (a {type(pid).__name__})")
         _, storage_type, key, _location, numel = pid
         record = self._storages.get(key)
         if record is None:
@@ -236,21 +239,157 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return record
 
 
+# Limits of the structure a checkpoint pickle may describe, checked before anything unpickles it.
+# The pickled YOLO-NAS-S model (the shapes fixture, ~108,000 opcodes) nests 34 deep and its largest
+# object expands to ~80,000 nodes when every shared (memoized) reference is counted in full; M and L
+# have the same depth and roughly twice the nodes. The limits leave a wide margin above that, and
+# stop what a crafted file of a few hundred bytes can otherwise do: a tuple built from two memo
+# references of the previous one, forty times, is 2^40 nodes to hash as a dict key or to print.
+MAX_PICKLE_DEPTH = 256
+MAX_PICKLE_NODES = 5_000_000
+#: Uncompressed size of the pickle record itself (the fixture's is 0.26 MB; tensors live apart).
+MAX_PICKLE_BYTES = 256 << 20
+
+_IN_PLACE = frozenset({"APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD"})
+_MEMO_PUT = frozenset({"PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"})
+_MEMO_GET = frozenset({"GET", "BINGET", "LONG_BINGET"})
+
+
+class _Node:
+    """One object the pickle builds: how many nodes it expands to and how deep it nests."""
+
+    __slots__ = ("depth", "nodes")
+
+    def __init__(self, nodes: int, depth: int) -> None:
+        self.nodes = nodes
+        self.depth = depth
+
+
+def check_pickle_structure(stream: io.BufferedIOBase | bytes) -> None:
+    """Refuse a pickle whose objects nest or expand beyond what checkpoints need, without running it.
+
+    The opcodes are replayed on a stack of sizes only (pickletools' own opcode table says what each
+    pops and pushes), so this costs one linear pass and builds nothing. A memo index beyond the
+    number of opcodes read is refused too: the C unpickler allocates its memo up to the index.
+    ``stream`` is left after the pickle's STOP opcode. Raises ``ValueError`` saying which limit.
+    """
+    if isinstance(stream, bytes):
+        stream = io.BytesIO(stream)
+    stack: list[_Node | None] = []  # None marks a MARK
+    marks: list[int] = []
+    memo: dict[int, _Node] = {}
+    for count, (opcode, arg, _) in enumerate(pickletools.genops(stream), start=1):
+        name = opcode.name
+        if name == "MARK":
+            marks.append(len(stack))
+            stack.append(None)
+            continue
+        if name in _MEMO_PUT:
+            index = len(memo) if name == "MEMOIZE" else arg
+            if index > count:
+                raise ValueError(f"memo index {index} at opcode {count}: pickles number their memo in order")
+            if not stack or stack[-1] is None:
+                raise ValueError(f"{name} with nothing to store")
+            memo[index] = stack[-1]
+            continue
+        if name in _MEMO_GET:
+            if arg not in memo:
+                raise ValueError(f"memo index {arg} read before it is written")
+            stack.append(memo[arg])
+            continue
+        if name == "DUP":
+            if not stack:
+                raise ValueError("DUP on an empty stack")
+            stack.append(stack[-1])
+            continue
+        popped = _pop(stack, marks, opcode)
+        if not opcode.stack_after:
+            continue
+        children = [node for node in popped if node is not None]
+        if name in _IN_PLACE and children:
+            node = children[0]
+            node.nodes += sum(child.nodes for child in children[1:])
+            node.depth = max([node.depth] + [child.depth + 1 for child in children[1:]])
+        else:
+            node = _Node(
+                1 + sum(child.nodes for child in children), 1 + max((c.depth for c in children), default=0)
+            )
+        if node.depth > MAX_PICKLE_DEPTH:
+            raise ValueError(f"objects nest more than {MAX_PICKLE_DEPTH} deep; checkpoints need about 40")
+        if node.nodes > MAX_PICKLE_NODES:
+            raise ValueError(
+                f"an object expands to more than {MAX_PICKLE_NODES:,} nodes through shared references; "
+                "a YOLO-NAS model pickle holds under 200,000"
+            )
+        stack.append(node)
+
+
+def _pop(stack: list[_Node | None], marks: list[int], opcode: pickletools.OpcodeInfo) -> list[_Node | None]:
+    """Remove what ``opcode`` consumes from ``stack``: everything above the last MARK when it takes one,
+    plus the fixed number of items its table entry names."""
+    before = opcode.stack_before
+    popped: list[_Node | None] = []
+    if pickletools.markobject in before:
+        if not marks:
+            raise ValueError(f"{opcode.name} without a MARK")
+        start = marks.pop()
+        popped = stack[start + 1 :]
+        del stack[start:]
+        below = before.index(pickletools.markobject)
+    else:
+        below = len(before)
+    if len(stack) < below:
+        raise ValueError(f"{opcode.name} on a stack of {len(stack)} items")
+    if below:
+        popped = stack[-below:] + popped
+        del stack[-below:]
+        if any(node is None for node in popped[:below]):  # POP may discard a MARK
+            if opcode.name != "POP":
+                raise ValueError(f"{opcode.name} reaches past a MARK")
+            marks.pop()
+    return popped
+
+
+#: A torch archive stores its records uncompressed; a re-zipped one may deflate them a little.
+MAX_ZIP_EXPANSION = 10
+
+
+def check_zip_expansion(archive: zipfile.ZipFile, archive_bytes: int) -> None:
+    """Refuse an archive whose records declare more than ``MAX_ZIP_EXPANSION`` times its own size:
+    checking CRCs or reading such a file would decompress gigabytes out of a few kilobytes."""
+    declared = sum(info.file_size for info in archive.infolist())
+    if declared > MAX_ZIP_EXPANSION * archive_bytes + (1 << 20):
+        raise ValueError(
+            f"its records expand to {declared:,} bytes from {archive_bytes:,}, more than "
+            f"{MAX_ZIP_EXPANSION}x: a zip bomb, not weights"
+        )
+
+
 class TorchZipReader:
     """A torch zip archive (``<folder>/data.pkl``, ``<folder>/data/<key>``, ``<folder>/byteorder``)."""
 
     def __init__(self, path: Path) -> None:
+        """Open the archive and check its pickle's structure (:func:`check_pickle_structure`) before
+        anything, torch's own loader included, unpickles it. Raises ``ValueError`` for a bad archive."""
         self.path = path
         self._zip = zipfile.ZipFile(path)
-        pickles = [
-            name for name in self._zip.namelist() if name.endswith("data.pkl") and name.count("/") == 1
-        ]
-        if len(pickles) != 1:
+        try:
+            check_zip_expansion(self._zip, path.stat().st_size)
+            pickles = [
+                name for name in self._zip.namelist() if name.endswith("data.pkl") and name.count("/") == 1
+            ]
+            if len(pickles) != 1:
+                raise ValueError("zip archive without a torch data.pkl record")
+            self._folder = pickles[0].rsplit("/", 1)[0]
+            if self._zip.getinfo(pickles[0]).file_size > MAX_PICKLE_BYTES:
+                raise ValueError(f"its pickle record is larger than {MAX_PICKLE_BYTES >> 20} MB")
+            self._pickle = self._zip.read(pickles[0])
+            check_pickle_structure(self._pickle)
+            byteorder = self._read_optional("byteorder")
+        except BaseException:
             self._zip.close()
-            raise ValueError("zip archive without a torch data.pkl record")
-        self._folder = pickles[0].rsplit("/", 1)[0]
+            raise
         self._loaded: dict[str, torch.Tensor] = {}
-        byteorder = self._read_optional("byteorder")
         self._swap_bytes = (
             byteorder is not None and byteorder.strip().decode("ascii", "replace") != sys.byteorder
         )
@@ -267,9 +406,13 @@ class TorchZipReader:
         except KeyError:
             return None
 
+    def damaged_record(self) -> str | None:
+        """The first record whose CRC does not match (``zipfile.ZipFile.testzip``), else None."""
+        return self._zip.testzip()
+
     def load(self) -> Any:
         """Unpickle ``data.pkl`` with the allow-list; tensors come back as :class:`TensorRecord`."""
-        return _RestrictedUnpickler(self._zip.read(f"{self._folder}/data.pkl"), self.path).load()
+        return _RestrictedUnpickler(self._pickle, self.path).load()
 
     def tensor(self, record: TensorRecord) -> torch.Tensor:
         """Build the tensor a record describes, from its storage's bytes (bounds-checked)."""
@@ -279,6 +422,12 @@ class TorchZipReader:
         ):
             raise ValueError(
                 f"tensor record over storage {record.storage.key} has a negative or ragged layout"
+            )
+        if math.prod(record.size) > storage.numel():
+            # Stride 0 lets a few bytes describe 10^12 elements, which a later copy would allocate.
+            raise ValueError(
+                f"tensor record over storage {record.storage.key} holds {math.prod(record.size):,} elements, "
+                f"more than the {storage.numel():,} its storage has"
             )
         if 0 not in record.size:
             last = record.offset + sum((n - 1) * s for n, s in zip(record.size, record.stride, strict=True))

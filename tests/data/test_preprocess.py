@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from nasquant.data.preprocess import ImageTransform, Preprocess, preprocess, read_image
+from nasquant.data.preprocess import ImageTransform, Preprocess, preprocess, read_image, resized_size
 from nasquant.errors import NasquantError
 from tests.shared import shared_path
 
@@ -58,8 +58,24 @@ def test_sg_protocol_uses_the_checkpoint_processing_scaled_to_imgsz():
     assert Preprocess.from_protocol("sg", 320, model_processing=recorded).resize == 318
     shapes = {"resize": 320, "imgsz": 320, "pad_value": 100}
     spec = Preprocess.from_protocol("sg", 320, model_processing=shapes)
-    assert (spec.resize, spec.pad_value, spec.rounding) == (320, 100, "floor")
+    # super-gradients' DetectionLongestMaxSizeRescale, the step such checkpoints record, rounds the
+    # resized size to nearest (its COCO dataset, Deci's published protocol, floors).
+    assert (spec.resize, spec.pad_value, spec.rounding) == (320, 100, "round")
     assert Preprocess.from_protocol("sg", 640, model_processing=shapes).resize == 640
+
+
+@pytest.mark.parametrize(
+    ("height", "rounded", "floored"), [(337, 216, 215), (335, 214, 214), (500, 320, 320)]
+)
+def test_recorded_processing_resizes_as_super_gradients_predict_does(
+    height: int, rounded: int, floored: int
+) -> None:
+    # super-gradients: scale = min(out_h / h, out_w / w); new = round(h * scale), round(w * scale)
+    recorded = Preprocess.from_protocol(
+        "sg", 320, model_processing={"resize": 320, "imgsz": 320, "pad_value": 114}
+    )
+    assert resized_size(height, 500, recorded) == (rounded, 320)
+    assert resized_size(height, 500, Preprocess(320, 320, 114, "floor")) == (floored, 320)
 
 
 def test_letterbox_protocol():

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from nasquant.errors import NasquantError
 from nasquant.eval.postprocess import NMSSettings, postprocess
 
 
@@ -177,7 +178,26 @@ def test_max_det_and_top_k_caps():
     np.testing.assert_array_equal(capped.scores, scores[::-1, 0][:7])
     (top,) = postprocess(boxes[None], scores[None], top_k=3)
     np.testing.assert_array_equal(top.scores, scores[::-1, 0][:3])
-    assert len(postprocess(boxes[None], scores[None], max_det=0)[0]) == 0
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("conf", 1.5),
+        ("conf", 0),
+        ("conf", float("nan")),
+        ("iou", 0),
+        ("iou", 2.0),
+        ("top_k", -1),
+        ("top_k", 0),
+        ("max_det", 0),
+        ("max_det", 2.5),
+        ("max_det", True),
+    ],
+)
+def test_nonsense_settings_are_refused_where_they_are_made(field: str, value: object) -> None:
+    with pytest.raises(NasquantError, match=rf"^{field} must be"):
+        NMSSettings(**{field: value})
 
 
 def test_degenerate_boxes_do_not_crash_or_suppress():

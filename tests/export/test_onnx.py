@@ -15,6 +15,7 @@ from nasquant import NAS, __version__
 from nasquant.data.preprocess import preprocess, read_image
 from nasquant.errors import NasquantError
 from nasquant.export import KEY_INPUT_SIZE, KEY_NAMES, KEY_PRECISION, KEY_VERSION, export_onnx, read_metadata
+from nasquant.formats import MAX_OPSET, MIN_OPSET
 from nasquant.runtime import OnnxRuntimeBackend
 from tests.shared import shared_path
 
@@ -108,8 +109,10 @@ def test_export_leaves_the_module_as_it_was(nas: NAS, tmp_path: Path) -> None:
 
 
 def test_bad_arguments_are_one_line_errors(nas: NAS, tmp_path: Path) -> None:
-    with pytest.raises(NasquantError, match="opset must be at least 13"):
+    with pytest.raises(NasquantError, match="opset must be from 13 .* to 20 .*got 12"):
         export_onnx(nas.model, tmp_path / "a.onnx", imgsz=IMGSZ, opset=12)
+    with pytest.raises(NasquantError, match="got 21"):
+        export_onnx(nas.model, tmp_path / "a.onnx", imgsz=IMGSZ, opset=21)
     with pytest.raises(NasquantError, match="multiple of 32"):
         export_onnx(nas.model, tmp_path / "a.onnx", imgsz=100)
     with pytest.raises(NasquantError, match="batch size must be at least 1"):
@@ -117,6 +120,14 @@ def test_bad_arguments_are_one_line_errors(nas: NAS, tmp_path: Path) -> None:
     with pytest.raises(TypeError, match="must be str"):
         export_onnx(nas.model, tmp_path / "a.onnx", imgsz=64, metadata={"nasquant.stride": 32})  # type: ignore[dict-item]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_opset_bounds_are_the_installed_exporters() -> None:
+    # The recipe reader checks export.opset against these without importing torch or onnx.
+    from torch.onnx import _constants
+
+    assert MIN_OPSET == 13 and MAX_OPSET == _constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET
+    assert onnx.defs.onnx_opset_version() >= MAX_OPSET
 
 
 def test_read_metadata_of_missing_or_corrupt_files(tmp_path: Path) -> None:

@@ -69,9 +69,10 @@ def test_the_ranking_is_deterministic(
 def test_a_sabotaged_quantizer_ranks_first(
     shapes_nas: NAS, calibrated: torch.nn.Module, sample: np.ndarray, head_convs: list[str]
 ) -> None:
-    victim = "heads.head1.cls_convs.0.seq.conv"  # the stride-8 head, where the shapes' objects are
     clean = analyze(shapes_nas.model, calibrated, sample, layers=head_convs, progress=False)
-    assert clean.ranked()[0] != victim
+    # The clean ranking's last layer, whatever this machine's float rounding makes it: sabotaging it must
+    # move it from last to first (a fixed choice can already rank first on another CPU).
+    victim = clean.ranked()[-1]
     sabotaged = copy.deepcopy(calibrated)
     quantizer = dict(sabotaged.named_modules())[victim].input_quantizer
     quantizer.amax = quantizer.amax * 1e-3  # clips almost every activation of this layer

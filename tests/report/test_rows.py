@@ -109,6 +109,29 @@ def test_check_drop_skipped_missing_reference_and_nothing_to_check() -> None:
         check_drop(_report(0.470), -0.1)
 
 
+@pytest.mark.parametrize(
+    ("change", "failure"),
+    [
+        ({"map50_95": float("nan")}, "ORT INT8: mAP50-95 is nan, not a measured number"),
+        ({"map50_95": None}, "ORT INT8: mAP50-95 is missing, not a measured number"),
+        ({"map50_95": "0.47"}, "ORT INT8: mAP50-95 is '0.47', not a measured number"),
+        ({"map50_95": True}, "ORT INT8: mAP50-95 is True, not a measured number"),
+        ({"delta_map50_95": float("-inf")}, "ORT INT8: its mAP drop vs FP32 is -inf, not a number"),
+        ({"delta_map50_95": [0]}, "ORT INT8: its mAP drop vs FP32 is [0], not a number"),
+        (
+            {"status": "failed: build crashed"},
+            "ORT INT8: the row is marked 'failed: build crashed', not measured",
+        ),
+        ({"status": None}, "ORT INT8: the row is marked None, not measured"),
+    ],
+)
+def test_the_gate_fails_closed_on_what_it_cannot_read(change: dict, failure: str) -> None:
+    # A report.json edited by hand, written by another tool or a broken run: never a silent pass.
+    report = _report(0.479)
+    report["rows"][1].update(change)
+    assert check_drop(report, 0.5) == [failure]
+
+
 def test_artifact_size_of_a_file_and_of_a_folder(tmp_path) -> None:
     (tmp_path / "model.onnx").write_bytes(b"\0" * 1_500_000)
     (tmp_path / "weights").mkdir()

@@ -6,7 +6,7 @@ import torch
 
 from nasquant.errors import NasquantError
 from nasquant.models import yolo_nas
-from nasquant.runtime import Backend, TorchBackend
+from nasquant.runtime import Backend, TorchBackend, parse_device
 
 
 @pytest.fixture(scope="module")
@@ -49,3 +49,24 @@ def test_cuda_fp16_matches_cpu_fp32(small_model: torch.nn.Module) -> None:
     assert next(small_model.parameters()).device.type == "cpu"  # the caller's module is untouched
     np.testing.assert_allclose(gpu_boxes, cpu_boxes, atol=0.5)
     np.testing.assert_allclose(gpu_scores, cpu_scores, atol=5e-3)
+
+
+@pytest.mark.parametrize(
+    ("device", "parsed"),
+    [
+        (None, None),
+        ("", None),
+        ("auto", None),
+        ("cpu", ("cpu", None)),
+        ("cuda", ("cuda", None)),
+        ("cuda:1", ("cuda", 1)),
+    ],
+)
+def test_parse_device(device: str | None, parsed: tuple | None) -> None:
+    assert parse_device(device) == parsed
+
+
+@pytest.mark.parametrize("device", ["meta", "mps", "cuda:x", "cpu:0", "cuda:-1", "CUDA", " cpu", "cuda:1:2"])
+def test_only_cpu_and_cuda_devices_are_accepted(device: str) -> None:
+    with pytest.raises(NasquantError, match=r"unknown device .*; use cpu, cuda or cuda:N"):
+        parse_device(device)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import zipfile
 from pathlib import Path
 
@@ -14,7 +15,13 @@ from torch import nn
 
 from nasquant.errors import NasquantError
 from nasquant.weights import load_checkpoint
-from nasquant.weights.safe_pickle import PickledObject, TorchZipReader, module_state_dict
+from nasquant.weights.safe_pickle import (
+    PickledObject,
+    TorchZipReader,
+    check_pickle_structure,
+    module_state_dict,
+)
+from tests import crafted
 from tests.weights.conftest import forget_super_gradients, write_zip_pickle
 
 
@@ -233,3 +240,58 @@ def test_short_storage_record_is_an_error_not_garbage(tmp_path: Path, fake_super
         pytest.raises(ValueError, match=r"storage 0 holds \d+ bytes, expected"),
     ):
         module_state_dict(reader.load(), reader.tensor)
+
+
+def test_an_expanded_tensor_cannot_claim_more_elements_than_its_storage(
+    tmp_path: Path, fake_super_gradients
+) -> None:
+    class Head(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            # one stored float viewed as 10^6 elements (stride 0): a later copy would allocate them all
+            self.register_buffer("table", torch.zeros(1).expand(1000, 1000))
+
+    _register(fake_super_gradients, Head)
+    path = tmp_path / "expanded.pt"
+    torch.save(Head(), path)
+    forget_super_gradients()
+    with (
+        TorchZipReader(path) as reader,
+        pytest.raises(ValueError, match=r"holds 1,000,000 elements, more than the 1"),
+    ):
+        module_state_dict(reader.load(), reader.tensor)
+
+
+# --- structure limits, checked before anything unpickles ----------------------------------------
+
+
+def test_the_real_pickled_model_is_within_every_limit(shapes_pt: Path) -> None:
+    with zipfile.ZipFile(shapes_pt) as archive:
+        (name,) = [n for n in archive.namelist() if n.endswith("data.pkl")]
+        check_pickle_structure(archive.read(name))  # no error: depth 34, ~80,000 nodes
+
+
+@pytest.mark.parametrize(
+    ("payload", "problem"),
+    [
+        (crafted.tuple_key_bomb(), "expands to more than 5,000,000 nodes"),
+        (crafted.persistent_id_bomb(), "expands to more than 5,000,000 nodes"),
+        (crafted.nesting_bomb(), "nest more than 256 deep"),
+        (crafted.memo_bomb(), "memo index 4294967295 at opcode 3"),
+        (b"\x80\x02h\x05.", "memo index 5 read before it is written"),  # BINGET of nothing
+        (b"\x80\x02N\x86.", "TUPLE2 on a stack of 1 items"),
+        (b"\x80\x02e.", "APPENDS without a MARK"),
+    ],
+)
+def test_malformed_structures_are_refused_before_unpickling(payload: bytes, problem: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(problem)):
+        check_pickle_structure(payload)
+
+
+def test_a_persistent_id_is_described_not_printed(tmp_path: Path) -> None:
+    # A long persistent id (within the limits) in an error message: its type, not its str().
+    payload = b"\x80\x02](" + b"N" * 1000 + b"eQ."  # EMPTY_LIST MARK None*1000 APPENDS BINPERSID STOP
+    path = write_zip_pickle(tmp_path / "pid.pt", payload)
+    with pytest.raises(NasquantError) as caught:
+        load_checkpoint(path)
+    assert "unsupported persistent record (a list)" in str(caught.value) and len(str(caught.value)) < 300
