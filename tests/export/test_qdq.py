@@ -464,7 +464,7 @@ def _strided_conv_graph(
         (3, 2, [1, 1, 1, 1], 16, 8, False),  # enough channels for the integer kernel already
     ],
 )
-def test_a_strided_conv_on_few_channels_reads_its_input_space_to_depth_bit_exactly(
+def test_a_strided_conv_on_few_channels_reads_its_input_space_to_depth(
     kernel: int, stride: int, pads: list[int], size: int, cin: int, rewritten: bool
 ) -> None:
     model = _strided_conv_graph(kernel, stride, pads, size, cin)
@@ -473,5 +473,9 @@ def test_a_strided_conv_on_few_channels_reads_its_input_space_to_depth_bit_exact
     x = np.random.default_rng(1).random((1, cin, size, size), dtype=np.float32)
     got, want = _run(result, x), _run(model, x)
     assert got.shape == want.shape
-    # Integer products summed in another order: with these small sums, float32 is exact either way.
-    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    # Without an output quantizer ORT runs this conv in float32 on the dequantized values, and the
+    # rewritten graph sums the same products in another order (the order depends on the CPU's conv
+    # kernel): equal up to one rounding per term, not bit for bit. In the CPU flavour the stem has its
+    # output Q/DQ, so ORT runs it as an integer QLinearConv, where the sums are exact.
+    terms = cin * kernel * kernel
+    np.testing.assert_allclose(got, want, rtol=0, atol=terms * np.finfo(np.float32).eps * np.abs(want).max())

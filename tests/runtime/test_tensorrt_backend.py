@@ -18,7 +18,7 @@ from nasquant.data.datasets import load_dataset
 from nasquant.data.preprocess import preprocess, read_image
 from nasquant.errors import NasquantError
 from nasquant.eval.validate import validate
-from nasquant.export import KEY_FLAVOR, export_onnx, write_cpu_flavor
+from nasquant.export import KEY_FLAVOR, export_onnx
 from nasquant.export.sidecar import EngineSidecar, file_sha256, sidecar_path
 from nasquant.export.tensorrt import EngineSettings, EngineSource, build_engine, tensorrt_unavailable
 from nasquant.runtime import OnnxRuntimeBackend, load_backend
@@ -136,7 +136,6 @@ def test_int8_engine_is_faster_than_fp16(
         dynamic_batch=True,
         metadata={KEY_FLAVOR: "trt"},
     )
-    write_cpu_flavor(int8, tmp_path / "model.int8.cpu.onnx")
     p50 = {}
     for precision, onnx_path in (("fp16", fp32), ("int8", int8)):
         engine = tmp_path / f"model.{precision}.engine"
