@@ -182,7 +182,10 @@ def _check_input_fits(batch: int, imgsz: int) -> None:
     """Refuse a batch whose float32 input alone would take half of this machine's memory: allocating it
     fails (or wakes the OOM killer) after minutes of set-up, and the network needs many times more."""
     needed = batch * 3 * imgsz * imgsz * 4
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows): allocation errors still say it
+        return
     if needed > total // 2:
         raise NasquantError(
             f"a batch of {batch} at {imgsz}px is {needed / 2**30:.1f} GiB of input alone; this machine has "

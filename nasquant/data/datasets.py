@@ -8,7 +8,6 @@ COCO-format dict (``None`` for an unlabeled folder), which is what pycocotools e
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from collections.abc import Iterator
@@ -20,6 +19,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from nasquant.checks import is_finite_number, is_int, quoted
 from nasquant.data.preprocess import ImageTransform, Preprocess, preprocess, read_image
 from nasquant.data.sources import IMAGE_SUFFIXES, image_files
 from nasquant.errors import NasquantError
@@ -188,14 +188,12 @@ def _read_coco_json(path: Path) -> dict:
                 raise NasquantError(f"{path}: {key} entry #{index} lacks {' or '.join(fields)}")
             # pycocotools matches detections to ground truth by id equality: "3" or 3.0 would
             # silently match nothing, so ids are JSON integers, as in COCO itself.
-            if not _is_int(entry["id"]):
+            if not is_int(entry["id"]):
                 raise NasquantError(
-                    f"{path}: {key} entry #{index} has id {_short(entry['id'])}, not an integer"
+                    f"{path}: {key} entry #{index} has id {quoted(entry['id'])}, not an integer"
                 )
-        if key == "images":
-            for index, entry in enumerate(data[key]):
-                if not isinstance(entry["file_name"], str) or not entry["file_name"]:
-                    raise NasquantError(f"{path}: images entry #{index} has no file name string")
+            if key == "images" and not (isinstance(entry["file_name"], str) and entry["file_name"]):
+                raise NasquantError(f"{path}: images entry #{index} has no file name string")
     image_ids = [image["id"] for image in data["images"]]
     category_ids = {category["id"] for category in data["categories"]}
     if len(set(image_ids)) != len(image_ids):
@@ -204,20 +202,6 @@ def _read_coco_json(path: Path) -> dict:
         raise NasquantError(f"{path} lists the same category id more than once")
     _check_coco_annotations(path, data["annotations"], set(image_ids), category_ids)
     return data
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _short(value: object) -> str:
-    """A value from a user's file, quoted for a message and cut short."""
-    text = repr(value) if not isinstance(value, list | dict) else f"a {type(value).__name__}"
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _refuse_constant(name: str) -> float:
@@ -238,16 +222,16 @@ def _check_coco_annotations(
     for index, annotation in enumerate(annotations):
         if not isinstance(annotation, dict):
             raise NasquantError(f"{path}: annotation #{index} is not an object")
-        label = f"annotation #{index}" + (f" (id {_short(annotation['id'])})" if "id" in annotation else "")
+        label = f"annotation #{index}" + (f" (id {quoted(annotation['id'])})" if "id" in annotation else "")
         for field in ("image_id", "category_id"):
-            if not _is_int(annotation.get(field)):
+            if not is_int(annotation.get(field)):
                 raise NasquantError(
-                    f"{path}: {label} has {field} {_short(annotation.get(field))}, not an integer"
+                    f"{path}: {label} has {field} {quoted(annotation.get(field))}, not an integer"
                 )
         box = annotation.get("bbox")
-        if not (isinstance(box, list) and len(box) == 4 and all(_is_number(v) for v in box)):
+        if not (isinstance(box, list) and len(box) == 4 and all(is_finite_number(v) for v in box)):
             raise NasquantError(
-                f"{path}: {label} bbox must be [x, y, w, h] of finite numbers, got {_short(box)}"
+                f"{path}: {label} bbox must be [x, y, w, h] of finite numbers, got {quoted(box)}"
             )
         if box[2] <= 0 or box[3] <= 0:
             raise NasquantError(
@@ -262,13 +246,13 @@ def _check_coco_annotations(
             raise NasquantError(
                 f"{path}: {label} has category id {annotation['category_id']}, which is not listed"
             )
-        if "area" in annotation and not (_is_number(annotation["area"]) and annotation["area"] >= 0):
-            raise NasquantError(f"{path}: {label} has area {_short(annotation['area'])}, not a number >= 0")
+        if "area" in annotation and not (is_finite_number(annotation["area"]) and annotation["area"] >= 0):
+            raise NasquantError(f"{path}: {label} has area {quoted(annotation['area'])}, not a number >= 0")
         if annotation.get("iscrowd", 0) not in (0, 1):
-            raise NasquantError(f"{path}: {label} has iscrowd {_short(annotation['iscrowd'])}, not 0 or 1")
+            raise NasquantError(f"{path}: {label} has iscrowd {quoted(annotation['iscrowd'])}, not 0 or 1")
         if "id" in annotation:
             # pycocotools indexes annotations by id: a repeated id silently drops ground truth.
-            if not _is_int(annotation["id"]) or annotation["id"] in seen_ids:
+            if not is_int(annotation["id"]) or annotation["id"] in seen_ids:
                 raise NasquantError(f"{path}: {label} has an id that is not a unique integer")
             seen_ids.add(annotation["id"])
         annotation.setdefault("area", box[2] * box[3])
@@ -381,14 +365,14 @@ def _from_yolo_yaml(yaml_path: Path, split: str) -> DetectionDataset:
 
 def _yolo_names(yaml_path: Path, config: dict) -> list[str]:
     raw, nc = config.get("names"), config.get("nc")
-    if nc is not None and not (_is_int(nc) and nc >= 1):
-        raise NasquantError(f"{yaml_path}: 'nc' must be a positive integer, got {_short(nc)}")
+    if nc is not None and not (is_int(nc) and nc >= 1):
+        raise NasquantError(f"{yaml_path}: 'nc' must be a positive integer, got {quoted(nc)}")
     if raw is None:
         if nc is None:
             raise NasquantError(f"{yaml_path} has neither 'names' nor a positive 'nc'")
         return [f"class{i}" for i in range(nc)]
     if isinstance(raw, dict):
-        if not all(_is_int(k) for k in raw) or sorted(raw) != list(range(len(raw))):
+        if not all(is_int(k) for k in raw) or sorted(raw) != list(range(len(raw))):
             raise NasquantError(f"{yaml_path}: 'names' keys must be the class indices 0..N-1")
         values = [raw[i] for i in range(len(raw))]
     elif isinstance(raw, list):

@@ -7,12 +7,12 @@ Semantics are super-gradients' ``PPYoloEPostPredictionCallback``: candidates abo
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
+from nasquant.checks import is_finite_number, is_int
 from nasquant.errors import NasquantError
 
 
@@ -34,16 +34,12 @@ class NMSSettings:
         # Checked where the settings are made, so the CLI, the API and recipes refuse the same values.
         for name in ("conf", "iou"):
             value = getattr(self, name)
-            if not (_is_number(value) and 0 < value <= 1):
+            if not (is_finite_number(value) and 0 < value <= 1):
                 raise NasquantError(f"{name} must be a number in (0, 1], got {value!r}")
         for name in ("top_k", "max_det"):
             value = getattr(self, name)
-            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            if not (is_int(value) and value >= 1):
                 raise NasquantError(f"{name} must be an integer >= 1, got {value!r}")
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass

@@ -9,7 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from nasquant.report.rows import SKIPPED_PREFIX, finite_number
+from nasquant.checks import is_finite_number
+from nasquant.report.rows import SKIPPED_PREFIX
 
 _NONE = "—"
 
@@ -36,7 +37,7 @@ _INVALID = "invalid"
 def _fmt(value: Any, spec: str, suffix: str = "", *, scale: float = 1.0) -> str:
     if value is None:
         return _NONE
-    return f"{value * scale:{spec}}{suffix}" if finite_number(value) else _INVALID
+    return f"{value * scale:{spec}}{suffix}" if is_finite_number(value) else _INVALID
 
 
 def percent(fraction: Any) -> str:
@@ -201,13 +202,13 @@ def _side_by_side(
 
 
 def _relative(base: Any, value: Any) -> str:
-    if not (finite_number(base) and finite_number(value)) or base == 0:
+    if not (is_finite_number(base) and is_finite_number(value)) or base == 0:
         return _NONE
     return f"{(value / base - 1) * 100:+.1f}%"
 
 
 def _difference(value: Any, base: Any) -> str:
-    return points(value - base) if finite_number(value) and finite_number(base) else _NONE
+    return points(value - base) if is_finite_number(value) and is_finite_number(base) else _NONE
 
 
 def render_comparison(reports: Sequence[tuple[str, dict[str, Any]]]) -> str:

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from nasquant.checks import is_finite_number, quoted
 from nasquant.errors import NasquantError
 
 SKIPPED_PREFIX = "skipped: "
@@ -149,11 +150,6 @@ def finalize_rows(rows: list[ReportRow]) -> list[ReportRow]:
     return finalized
 
 
-def finite_number(value: object) -> bool:
-    """True for an int or float that is neither NaN nor infinite (bools are not numbers here)."""
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def check_drop(report: dict[str, Any], max_drop_points: float) -> list[str]:
     """CI gate: a message for every INT8 row that fails it; an empty list when the gate passes.
 
@@ -163,7 +159,7 @@ def check_drop(report: dict[str, Any], max_drop_points: float) -> list[str]:
     ``skipped: <reason>`` (a row marked failed). A report with no measured INT8 row fails too: a gate
     that checked nothing must not pass. Skipped INT8 rows (no TensorRT here, no GPU) are not failures.
     """
-    if not finite_number(max_drop_points) or max_drop_points < 0:
+    if not is_finite_number(max_drop_points) or max_drop_points < 0:
         raise NasquantError(f"maximum mAP drop must be a number of points >= 0, got {max_drop_points!r}")
     failures = []
     checked = 0
@@ -178,12 +174,12 @@ def check_drop(report: dict[str, Any], max_drop_points: float) -> list[str]:
             failures.append(f"{name}: the row is marked {status!r}, not measured")
             continue
         value, delta = row.get("map50_95"), row.get("delta_map50_95")
-        if not finite_number(value):
-            failures.append(f"{name}: mAP50-95 is {_shown(value)}, not a measured number")
+        if not is_finite_number(value):
+            failures.append(f"{name}: mAP50-95 is {quoted(value)}, not a measured number")
         elif delta is None:
             failures.append(f"{name}: no FP32 reference row to measure its mAP drop against")
-        elif not finite_number(delta):
-            failures.append(f"{name}: its mAP drop vs FP32 is {_shown(delta)}, not a number")
+        elif not is_finite_number(delta):
+            failures.append(f"{name}: its mAP drop vs FP32 is {quoted(delta)}, not a number")
         elif -delta * 100 > max_drop_points + _POINTS_TOLERANCE:
             failures.append(
                 f"{name}: mAP50-95 dropped {-delta * 100:.2f} points vs FP32 (allowed {max_drop_points:g})"
@@ -191,11 +187,6 @@ def check_drop(report: dict[str, Any], max_drop_points: float) -> list[str]:
     if checked == 0:
         failures.append("no INT8 row with a measured mAP50-95 in the report: nothing to check")
     return failures
-
-
-def _shown(value: object) -> str:
-    text = "missing" if value is None else repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def artifact_size_mb(path: str | os.PathLike) -> float:

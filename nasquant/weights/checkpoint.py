@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from nasquant.checks import quoted
 from nasquant.errors import NasquantError
 from nasquant.formats import MAX_INPUT_SIZE
 from nasquant.models.yolo_nas import VARIANTS, normalize_variant
@@ -195,11 +196,6 @@ def _read(path: Path) -> _Contents:
     if head.startswith(b"\x80") and len(head) > 1 and head[1] <= pickle.HIGHEST_PROTOCOL:
         return _read_legacy_torch(path)
     raise _unreadable(path, _describe(head, size))
-
-
-def _shown(value: str) -> str:
-    """A metadata value quoted for a message, cut short: files may hold anything there."""
-    return repr(value) if len(value) <= 40 else repr(value[:37] + "...")
 
 
 def _unreadable(path: Path, reason: str) -> NasquantError:
@@ -435,7 +431,7 @@ def _safetensors_processing(metadata: dict[str, str], path: Path) -> dict | None
     if size:
         match = _INPUT_SIZE.fullmatch(size.strip().lower())
         if match is None:
-            raise _unreadable(path, f"metadata input_size {_shown(size)} is not HxW")
+            raise _unreadable(path, f"metadata input_size {quoted(size)} is not HxW")
         side = max(int(match.group(1)), int(match.group(2)))
         processing = {"resize": side, "imgsz": side, "pad_value": _DEFAULT_PAD_VALUE}
     for key in ("resize", "imgsz", "pad_value"):
@@ -443,7 +439,7 @@ def _safetensors_processing(metadata: dict[str, str], path: Path) -> dict | None
         if value is None:
             continue
         if not _PIXELS.fullmatch(value.strip()):
-            raise _unreadable(path, f"metadata processing_{key} {_shown(value)} is not an integer")
+            raise _unreadable(path, f"metadata processing_{key} {quoted(value)} is not an integer")
         processing[key] = int(value)
     if not processing:
         return None

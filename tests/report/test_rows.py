@@ -117,7 +117,7 @@ def test_check_drop_skipped_missing_reference_and_nothing_to_check() -> None:
         ({"map50_95": "0.47"}, "ORT INT8: mAP50-95 is '0.47', not a measured number"),
         ({"map50_95": True}, "ORT INT8: mAP50-95 is True, not a measured number"),
         ({"delta_map50_95": float("-inf")}, "ORT INT8: its mAP drop vs FP32 is -inf, not a number"),
-        ({"delta_map50_95": [0]}, "ORT INT8: its mAP drop vs FP32 is [0], not a number"),
+        ({"delta_map50_95": [0]}, "ORT INT8: its mAP drop vs FP32 is a list, not a number"),
         (
             {"status": "failed: build crashed"},
             "ORT INT8: the row is marked 'failed: build crashed', not measured",
