@@ -83,22 +83,23 @@ def predict(
         _check_output_folder(Path(save_dir), sources)
     predictions = []
     saved_names: set[str] = set()
-    for source, image in tqdm(_images(sources), total=len(sources), desc="predict", disable=not progress):
-        tensor, transform = preprocess(image, spec)
-        boxes, scores = backend.run(tensor[None])
-        (detections,) = postprocess(boxes, scores, nms)
-        prediction = Prediction(
-            source=source,
-            height=image.shape[0],
-            width=image.shape[1],
-            boxes=transform.to_original(detections.boxes),
-            scores=detections.scores,
-            class_ids=detections.class_ids,
-            names=names,
-        )
-        predictions.append(prediction)
-        if save_dir is not None:
-            _save_annotated(image, prediction, Path(save_dir), saved_names)
+    with tqdm(_images(sources), total=len(sources), desc="predict", disable=not progress) as bar:
+        for source, image in bar:
+            tensor, transform = preprocess(image, spec)
+            boxes, scores = backend.run(tensor[None])
+            (detections,) = postprocess(boxes, scores, nms)
+            prediction = Prediction(
+                source=source,
+                height=image.shape[0],
+                width=image.shape[1],
+                boxes=transform.to_original(detections.boxes),
+                scores=detections.scores,
+                class_ids=detections.class_ids,
+                names=names,
+            )
+            predictions.append(prediction)
+            if save_dir is not None:
+                _save_annotated(image, prediction, Path(save_dir), saved_names)
     if save_dir is not None:
         write_json(Path(save_dir) / "predictions.json", [p.to_dict() for p in predictions])
     return predictions

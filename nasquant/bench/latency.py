@@ -131,11 +131,10 @@ def _time_calls(
     durations of ``iterations`` calls."""
     for index in range(warmup):
         timed_call(index)
-    with _quiet_gc():
-        return [
-            timed_call(warmup + index)
-            for index in tqdm(range(iterations), desc=desc, unit="it", disable=not progress)
-        ]
+    with _quiet_gc(), tqdm(range(iterations), desc=desc, unit="it", disable=not progress) as bar:
+        # As a context manager the bar is closed when an error or a signal ends the loop, so the error
+        # line starts on a line of its own instead of after a half-drawn bar.
+        return [timed_call(warmup + index) for index in bar]
 
 
 def _host_timed(call: Callable[[int], object]) -> Callable[[int], int]:

@@ -129,9 +129,10 @@ def calibrate(
     quantized = insert_quantizers(model, method, per_channel_weights=per_channel_weights)
     enable_stats_collection(quantized)
     seen = 0
-    for batch in tqdm(batches, total=total, desc=f"calibrate ({method})", unit="batch", disable=not progress):
-        quantized(torch.from_numpy(np.ascontiguousarray(batch)))
-        seen += len(batch)
+    with tqdm(batches, total=total, desc=f"calibrate ({method})", unit="batch", disable=not progress) as bar:
+        for batch in bar:
+            quantized(torch.from_numpy(np.ascontiguousarray(batch)))
+            seen += len(batch)
     if seen == 0:
         raise NasquantError("calibration received no images")
     for name, quantizer in tensor_quantizers(quantized):

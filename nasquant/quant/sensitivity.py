@@ -196,14 +196,16 @@ def analyze(
     base = (base_boxes + base_logits) / 2
 
     measured = []
-    for name in tqdm(names, desc="sensitivity", unit="layer", disable=not progress):
-        with toggles.only(name):
-            only = _outputs(model, batches)
-        with toggles.all_but([name]):
-            all_but = _outputs(model, batches)
-        only_db = (sqnr_db(ref_boxes, only[0]), sqnr_db(ref_logits, only[1]))
-        all_but_db = (sqnr_db(ref_boxes, all_but[0]), sqnr_db(ref_logits, all_but[1]))
-        measured.append(LayerSensitivity(name, *only_db, *all_but_db, recovery_db=sum(all_but_db) / 2 - base))
+    with tqdm(names, desc="sensitivity", unit="layer", disable=not progress) as bar:
+        for name in bar:
+            with toggles.only(name):
+                only = _outputs(model, batches)
+            with toggles.all_but([name]):
+                all_but = _outputs(model, batches)
+            only_db = (sqnr_db(ref_boxes, only[0]), sqnr_db(ref_logits, only[1]))
+            all_but_db = (sqnr_db(ref_boxes, all_but[0]), sqnr_db(ref_logits, all_but[1]))
+            recovery = sum(all_but_db) / 2 - base
+            measured.append(LayerSensitivity(name, *only_db, *all_but_db, recovery_db=recovery))
     # Deterministic order: by recovery, ties by model order (sort is stable).
     measured.sort(key=lambda layer: -layer.recovery_db)
 
@@ -211,9 +213,10 @@ def analyze(
     if evaluate is not None:
         result.map50_95_fp32 = evaluate(fp32)
         result.map50_95_int8 = evaluate(model)
-        for layer in tqdm(measured[:top_k], desc="sensitivity mAP", unit="layer", disable=not progress):
-            with toggles.all_but([layer.name]):
-                layer.map50_95_kept_float = evaluate(model)
+        with tqdm(measured[:top_k], desc="sensitivity mAP", unit="layer", disable=not progress) as bar:
+            for layer in bar:
+                with toggles.all_but([layer.name]):
+                    layer.map50_95_kept_float = evaluate(model)
     result.seconds = time.perf_counter() - started
     return result
 
