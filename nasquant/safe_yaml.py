@@ -157,13 +157,13 @@ def load_yaml(text: str, label: str, *, failure: str = "invalid YAML") -> Any:
     try:
         return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
-        raise NasquantError(f"{label}: {failure}{yaml_problem(exc)}") from None
+        raise NasquantError(f"{label}: {failure}{_yaml_problem(exc)}") from None
     except RecursionError:
         # PyYAML composes nested collections recursively; thousands of "[" exhaust the stack first.
         raise NasquantError(f"{label}: {failure}: the document nests more than {MAX_DEPTH} deep") from None
 
 
-def yaml_problem(exc: yaml.YAMLError) -> str:
+def _yaml_problem(exc: yaml.YAMLError) -> str:
     """``: <what>`` plus where, in one line (PyYAML's own text spans several, quoting the source)."""
     if not isinstance(exc, yaml.MarkedYAMLError) or exc.problem is None:
         return f": {' '.join(str(exc).split())}"

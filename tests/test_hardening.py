@@ -45,6 +45,11 @@ def _val() -> str:
     return str(shared_path("data", "shapes", "val", "annotations.json"))
 
 
+def _val_with(*options: str) -> Case:
+    """``val`` of the fixture on the shapes set, with ``options`` added."""
+    return lambda tmp: ["val", "--model", _pt(), "--data", _val(), *options]
+
+
 def _checkpoint(payload: bytes, *, legacy: bool = False) -> Case:
     def build(tmp: Path) -> list[str]:
         path = (crafted.legacy_checkpoint if legacy else crafted.zip_checkpoint)(tmp / "model.pt", payload)
@@ -264,7 +269,7 @@ CASES: list[tuple[str, Case, int, str, bool]] = [
     # command-line values, checked when read
     (
         "device-meta",
-        lambda tmp: ["val", "--model", _pt(), "--data", _val(), "--device", "meta"],
+        _val_with("--device", "meta"),
         2,
         "unknown device 'meta'",
         False,
@@ -285,7 +290,7 @@ CASES: list[tuple[str, Case, int, str, bool]] = [
     ),
     (
         "conf-1.5",
-        lambda tmp: ["val", "--model", _pt(), "--data", _val(), "--conf", "1.5"],
+        _val_with("--conf", "1.5"),
         2,
         "--conf: must be at most 1",
         False,
@@ -299,21 +304,21 @@ CASES: list[tuple[str, Case, int, str, bool]] = [
     ),
     (
         "top-k--1",
-        lambda tmp: ["val", "--model", _pt(), "--data", _val(), "--top-k", "-1"],
+        _val_with("--top-k", "-1"),
         2,
         "--top-k: must be at least 1",
         False,
     ),
     (
         "max-det-0",
-        lambda tmp: ["val", "--model", _pt(), "--data", _val(), "--max-det", "0"],
+        _val_with("--max-det", "0"),
         2,
         "--max-det: must be at least 1",
         False,
     ),
     (
         "imgsz-0",
-        lambda tmp: ["val", "--model", _pt(), "--data", _val(), "--imgsz", "0"],
+        _val_with("--imgsz", "0"),
         2,
         "--imgsz: must be at least 32",
         False,
