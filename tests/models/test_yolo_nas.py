@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import zlib
 
 import numpy as np
 import pytest
@@ -12,6 +11,7 @@ import torch
 from nasquant.errors import NasquantError
 from nasquant.models import VARIANTS, yolo_nas
 from nasquant.models.layers import QARepVGGBlock
+from tests.checkpoints import deterministic_state_dict
 from tests.shared import shared_path
 
 
@@ -20,33 +20,9 @@ def _manifest(variant: str) -> list[list]:
         return json.load(f)[variant]
 
 
-def _deterministic_tensor(key: str, shape: tuple[int, ...]) -> np.ndarray:
-    """The golden README's rule: one generator per key, seeded by its crc32; branches in this order."""
-    rng = np.random.default_rng(zlib.crc32(key.encode("utf-8")))
-    if key.endswith("running_var"):
-        values = rng.uniform(0.5, 2.0, shape)
-    elif key.endswith("running_mean"):
-        values = rng.normal(0.0, 0.2, shape)
-    elif len(shape) == 4:
-        values = rng.normal(0.0, 0.9 / np.sqrt(shape[1] * shape[2] * shape[3]), shape)
-    elif key.endswith("alpha"):
-        values = rng.uniform(0.5, 1.5, shape)
-    elif key.endswith("weight"):
-        values = rng.uniform(0.45, 1.35, shape)
-    else:  # bias and anything else share the same draw
-        values = rng.normal(0.0, 0.1, shape)
-    return values.astype(np.float32)
-
-
 def _golden_model(variant: str) -> torch.nn.Module:
     model = yolo_nas(variant)
-    state = {
-        key: tensor
-        if key.endswith("num_batches_tracked")
-        else torch.from_numpy(_deterministic_tensor(key, tuple(tensor.shape)))
-        for key, tensor in model.state_dict().items()
-    }
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(deterministic_state_dict(variant), strict=True)
     return model.eval()
 
 
