@@ -9,6 +9,11 @@ ENGINE_SUFFIXES = (".engine", ".plan")
 #: every exported file a backend (not a checkpoint loader) opens
 EXPORTED_SUFFIXES = (ONNX_SUFFIX, *ENGINE_SUFFIXES)
 
+#: In a run folder: the calibration images' file names, one per line (a ``calibration.image_list``).
+CALIBRATION_LIST_NAME = "calibration_images.txt"
+#: In a run folder: each stage's wall time, ``{"stages": [{"stage", "summary", "seconds", "reused"}]}``.
+TIMINGS_NAME = "timings.json"
+
 #: Input side when neither the user nor the checkpoint says (Deci's COCO models are 640).
 DEFAULT_IMGSZ = 640
 #: The neck joins stride-8/16/32 maps by 2x up/down-sampling: input sides must divide by 32.

@@ -20,7 +20,7 @@ import numpy as np
 from nasquant import __version__
 from nasquant.api import NAS
 from nasquant.bench import benchmark, host_info, set_threads
-from nasquant.data.calibration import check_no_overlap, select_calibration_images
+from nasquant.data.calibration import check_no_overlap, select_calibration_images, write_image_list
 from nasquant.data.datasets import DetectionDataset, iter_batches, load_dataset
 from nasquant.data.preprocess import Preprocess, read_image
 from nasquant.errors import NasquantError
@@ -37,6 +37,7 @@ from nasquant.export.tensorrt import (
     engine_settings,
     tensorrt_unavailable,
 )
+from nasquant.formats import CALIBRATION_LIST_NAME, TIMINGS_NAME
 from nasquant.io import remove_stale_parts, write_json
 from nasquant.quant import calibrate, keep_in_float, load_calibration, save_calibration
 from nasquant.quant.sensitivity import SensitivityResult, analyze, search_fp_layers
@@ -137,14 +138,21 @@ class QuantizePipeline:
             log(f"[run] removed {len(stale)} partial file(s) an interrupted run left in {self.run_dir}")
         self.progress = progress
         self.log = log
+        self.timings: list[dict] = []
 
     def _stage(self, name: str, summary: str, started: float, cached: bool) -> None:
+        seconds = time.perf_counter() - started
         note = " (reused)" if cached else ""
-        self.log(f"[{name}] {summary} — {time.perf_counter() - started:.1f} s{note}")
+        self.log(f"[{name}] {summary} — {seconds:.1f} s{note}")
+        # Rewritten after every stage, so a run that fails or is stopped still says where time went.
+        self.timings.append(
+            {"stage": name, "summary": summary, "seconds": round(seconds, 3), "reused": cached}
+        )
+        write_json(self.run_dir / TIMINGS_NAME, {"stages": self.timings})
 
     def run(self) -> dict:
         recipe = self.recipe
-        recipe.dump(self.run_dir / "recipe.resolved.yaml")
+        recipe.dump(self.run_dir)
         set_threads(recipe.benchmark.threads)
         nas, spec, model_key, validation, val_subset, nms = self._load()
         quantized = self._calibrate(nas, spec, validation, model_key)
@@ -169,7 +177,7 @@ class QuantizePipeline:
     def sensitivity(self) -> dict:
         """Load, calibrate (reusing a finished calibration) and analyse: the ``nasquant sensitivity`` job."""
         recipe = self.recipe
-        recipe.dump(self.run_dir / "recipe.resolved.yaml")
+        recipe.dump(self.run_dir)
         set_threads(recipe.benchmark.threads)
         nas, spec, model_key, validation, val_subset, nms = self._load()
         quantized = self._calibrate(nas, spec, validation, model_key)
@@ -210,21 +218,61 @@ class QuantizePipeline:
         )
         return nas, spec, model_key, validation, val_subset, nms
 
-    def _calibrate(self, nas: NAS, spec, validation: DetectionDataset, model_key: str):
+    def _calibration_images(self, validation: DetectionDataset) -> DetectionDataset:
+        """The calibration images, none showing a validation image, their names written to the run
+        folder: the recipe's ``image_list``, or (without one) the seeded draw, pinned in the resolved
+        recipe so a rerun of it reproduces the run even if the folder gains or loses images."""
         recipe, section = self.recipe, self.recipe.calibration
-        started = time.perf_counter()
-        source = load_dataset(recipe.resolve_path(section.data), kind=section.format)
-        image_list = recipe.resolve_path(section.image_list) if section.image_list else None
+        data = recipe.resolve_path(section.data)
+        image_list = Path(recipe.resolve_path(section.image_list)) if section.image_list else None
+        if image_list is not None and not image_list.is_file():
+            raise NasquantError(
+                f"{recipe.label}: calibration.image_list {image_list} does not exist; for COCO make it with "
+                f"`python calibration/make_coco_list.py <COCO>/annotations/instances_train2017.json --count "
+                f"{section.num_images} --out {image_list}` (nasquant repository), or drop "
+                f"calibration.image_list to draw {section.num_images} images of {data} by seed"
+            )
+        source = load_dataset(data, kind=section.format)
         chosen = select_calibration_images(
             source, num_images=section.num_images, seed=section.seed, image_list=image_list
         )
         check_no_overlap(chosen.image_paths, validation.image_paths, allow=section.allow_overlap)
+        written = self.run_dir / CALIBRATION_LIST_NAME
+        if image_list is not None:
+            if image_list.resolve() != written.resolve():
+                write_image_list(written, chosen, header=f"The first {len(chosen)} images of {image_list}")
+            return chosen
+        write_image_list(
+            written,
+            chosen,
+            header=f"{len(chosen)} of the {len(source)} images in {source.name}, drawn with seed {section.seed}\n"
+            "(nasquant.data.calibration.select_calibration_images: sorted names, seeded permutation)",
+        )
+        self.recipe = replace(recipe, calibration=replace(section, image_list=str(written)))
+        self.recipe.dump(self.run_dir)
+        self.log(
+            f"[calibrate] drew {len(chosen)} of {len(source)} images (seed {section.seed}, no calibration."
+            f"image_list); to calibrate on these again: --set calibration.image_list={written}"
+        )
+        return chosen
+
+    def _calibrate(self, nas: NAS, spec, validation: DetectionDataset, model_key: str):
+        recipe, section = self.recipe, self.recipe.calibration
+        started = time.perf_counter()
+        chosen = self._calibration_images(validation)
         path = self.run_dir / "calibration.safetensors"
+        # The images themselves are in the key, not the settings that chose them (image_list, seed,
+        # num_images): a rerun of recipe.resolved.yaml, whose list pins the draw, reuses the ranges.
+        settings = {
+            name: value
+            for name, value in recipe.to_dict()["calibration"].items()
+            if name not in ("image_list", "seed", "num_images")
+        }
         key = _hash(
             model_key,
-            recipe.section_hash("calibration"),
+            settings,
             recipe.quantization.per_channel_weights,
-            [p.name for p in chosen.image_paths],
+            [str(p) for p in chosen.image_paths],
         )
         cached = self.cache.get("calibrate", key, [path]) is not None
         if cached:
@@ -261,7 +309,7 @@ class QuantizePipeline:
         if section.skip == "auto":
             search = self._sensitivity(nas, spec, quantized, validation, val_subset, nms)["search"]
             self.recipe = replace(self.recipe, quantization=replace(section, skip=list(search["chosen"])))
-            self.recipe.dump(self.run_dir / "recipe.resolved.yaml")
+            self.recipe.dump(self.run_dir)
             budget = f"mAP drop {search['drop']:+.4f} ({'within' if search['met'] else 'NOT within'} budget)"
             fp_reason = f"chosen by the sensitivity search: {budget}; see sensitivity.md"
         else:

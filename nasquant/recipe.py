@@ -341,6 +341,11 @@ class Recipe:
         """``value`` made absolute against the recipe file's folder; URLs and aliases are untouched."""
         return _resolve_path(value, self.source.parent if self.source is not None else Path.cwd())
 
+    @property
+    def label(self) -> str:
+        """How messages name this recipe: its file, relative to the current directory when below it."""
+        return _label(self.source)
+
     def require(self, *keys: str, purpose: str) -> None:
         """Refuse to go on without optional-in-general fields, e.g. ``calibration.data`` to quantize."""
         values = self.to_dict()
@@ -350,7 +355,7 @@ class Recipe:
                 node = node[part]
             if node is None:
                 raise NasquantError(
-                    f"{_label(self.source)}: {key} is required {purpose} "
+                    f"{self.label}: {key} is required {purpose} "
                     f"(set it in the recipe or with --set {key}=...)"
                 )
 

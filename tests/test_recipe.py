@@ -77,7 +77,8 @@ def test_coco_recipes(variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
     assert recipe.calibration.method == "max"
     # Without $COCO_ROOT: datasets/coco in the project root (the recipe says ../datasets/coco).
     assert recipe.calibration.data == str(PROJECT_ROOT / "datasets/coco/train2017")
-    assert recipe.calibration.image_list == str(PROJECT_ROOT / "calibration/coco_train2017_512.txt")
+    # No committed list: the run draws the images by seed and pins them in its own folder.
+    assert recipe.calibration.image_list is None and recipe.calibration.num_images == 512
     assert recipe.validation.data == str(PROJECT_ROOT / "datasets/coco/annotations/instances_val2017.json")
 
     monkeypatch.setenv("COCO_ROOT", "/data/coco")

@@ -14,6 +14,7 @@ from PIL import Image, ImageOps
 
 from nasquant.data.datasets import DEFAULT_WORKERS, DetectionDataset, read_text
 from nasquant.errors import NasquantError
+from nasquant.io import atomic_path
 
 
 def read_image_list(path: str | os.PathLike) -> list[str]:
@@ -21,6 +22,15 @@ def read_image_list(path: str | os.PathLike) -> list[str]:
     lines = read_text(Path(path), "calibration image list").splitlines()
     names = [line.split("#", 1)[0].strip() for line in lines]
     return [name for name in names if name]
+
+
+def write_image_list(path: str | os.PathLike, dataset: DetectionDataset, *, header: str) -> Path:
+    """Write ``dataset``'s file names in its order, one per line, under ``# header`` lines, atomically:
+    the file :func:`read_image_list` reads back to the same images."""
+    comment = "".join(f"# {line}\n" for line in header.splitlines())
+    with atomic_path(path) as tmp:
+        tmp.write_text(comment + "".join(f"{p.name}\n" for p in dataset.image_paths), encoding="utf-8")
+    return Path(path)
 
 
 def select_calibration_images(
@@ -32,9 +42,12 @@ def select_calibration_images(
 ) -> DetectionDataset:
     """A reproducible subset of ``dataset`` for calibration.
 
-    With ``image_list``, exactly those files (in the list's order, all of them must exist); without
-    it, ``num_images`` drawn by a seeded permutation of the file names sorted, so the same folder and
-    seed give the same images on every machine. Fewer images than asked is an error, not a surprise.
+    With ``image_list``, the first ``num_images`` of its files (in the list's order, all of them must
+    exist). Without it, the seeded draw, which needs no annotations: sort the file names (code-point
+    order), take ``numpy.random.default_rng(seed).permutation(len(names))[:num_images]`` and keep that
+    order. The same folder and seed give the same images on every machine, and a smaller draw is the
+    first part of a larger one (64 images are the first 64 of the 512). Fewer images than asked is an
+    error, not a surprise.
     """
     if num_images < 1:
         raise NasquantError(f"calibration.num_images must be at least 1, got {num_images}")
