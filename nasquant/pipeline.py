@@ -237,9 +237,10 @@ class QuantizePipeline:
             source, num_images=section.num_images, seed=section.seed, image_list=image_list
         )
         check_no_overlap(chosen.image_paths, validation.image_paths, allow=section.allow_overlap)
-        written = self.run_dir / CALIBRATION_LIST_NAME
+        # Absolute: the resolved recipe resolves relative paths against its own folder, not the cwd.
+        written = (self.run_dir / CALIBRATION_LIST_NAME).resolve()
         if image_list is not None:
-            if image_list.resolve() != written.resolve():
+            if image_list.resolve() != written:
                 write_image_list(written, chosen, header=f"The first {len(chosen)} images of {image_list}")
             return chosen
         write_image_list(

@@ -93,8 +93,10 @@ def s_run(offline: None, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path
     work = tmp_path_factory.mktemp("s")
     checkpoint = write_sg_checkpoint(work / "yolo_nas_s_coco.pth", "yolo_nas_s")
     log = work / "stdout.txt"  # capsys is per test; the module's one run keeps what it printed here
-    with log.open("w") as out, contextlib.redirect_stdout(out):
-        code = _quantize(RECIPES / "s_int8.yaml", work / "run", *_small(checkpoint, 16, 8))
+    # Run from `work` into a relative folder, as a user does: the files it writes must not depend on the cwd.
+    with pytest.MonkeyPatch.context() as patch, log.open("w") as out, contextlib.redirect_stdout(out):
+        patch.chdir(work)
+        code = _quantize(RECIPES / "s_int8.yaml", Path("run"), *_small(checkpoint, 16, 8))
     assert code == 0, log.read_text()[-2000:]
     return work / "run", checkpoint, log.read_text()
 
