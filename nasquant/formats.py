@@ -9,6 +9,8 @@ ENGINE_SUFFIXES = (".engine", ".plan")
 #: every exported file a backend (not a checkpoint loader) opens
 EXPORTED_SUFFIXES = (ONNX_SUFFIX, *ENGINE_SUFFIXES)
 
+#: In a run folder: who holds its lock (JSON), present only while a run holds it or after one was killed.
+LOCK_NAME = ".nasquant.lock"
 #: In a run folder: the calibration images' file names, one per line (a ``calibration.image_list``).
 CALIBRATION_LIST_NAME = "calibration_images.txt"
 #: In a run folder: each stage's wall time, ``{"stages": [{"stage", "summary", "seconds", "reused"}]}``.

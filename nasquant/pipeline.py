@@ -7,6 +7,7 @@ renamed when complete, so an interrupted run never leaves a half-written artifac
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -38,16 +39,20 @@ from nasquant.export.tensorrt import (
     tensorrt_unavailable,
 )
 from nasquant.formats import CALIBRATION_LIST_NAME, TIMINGS_NAME
-from nasquant.io import remove_stale_parts, write_json
+from nasquant.io import describe_holder, remove_stale_parts, run_lock, write_json
 from nasquant.quant import calibrate, keep_in_float, load_calibration, save_calibration
 from nasquant.quant.sensitivity import SensitivityResult, analyze, search_fp_layers
 from nasquant.recipe import Recipe
 from nasquant.report import ReportRow, artifact_size_mb, load_report, write_report
-from nasquant.report.deploy import render_deploy_guide, write_deploy_guide
+from nasquant.report.deploy import DEPLOY_MD, render_deploy_guide, write_deploy_guide
+from nasquant.report.files import REPORT_JSON, REPORT_MD, REPORT_PNG
 from nasquant.report.sensitivity import SENSITIVITY_JSON, write_sensitivity
 from nasquant.runtime import Backend, OnnxRuntimeBackend, TensorRTBackend, TorchBackend
 
 Log = Callable[[str], None]
+
+#: The files that describe a finished run's models: removed when a new run into the folder starts.
+PREVIOUS_RUN_REPORT = (REPORT_JSON, REPORT_MD, REPORT_PNG, DEPLOY_MD)
 #: Real images cycled through for the end-to-end (read-free pre + model + post) timing.
 END_TO_END_IMAGES = 8
 
@@ -116,6 +121,9 @@ class Artifact:
 
 
 class QuantizePipeline:
+    """The ``quantize`` / ``sensitivity`` job on one run folder, which it holds locked until
+    :meth:`close` (use it as a context manager)."""
+
     def __init__(
         self,
         recipe: Recipe,
@@ -128,17 +136,47 @@ class QuantizePipeline:
         self.recipe = recipe
         recipe.require("calibration.data", "validation.data", purpose="to quantize")
         self.run_dir = Path(output) if output else recipe.output_dir
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.cache = StageCache(self.run_dir, resume=resume)
-        # Temporary files an earlier run left when it was killed (SIGKILL, power loss): never results.
-        stale = [
-            path for folder in (self.run_dir, self.run_dir / "bench") for path in remove_stale_parts(folder)
-        ]
-        if stale:
-            log(f"[run] removed {len(stale)} partial file(s) an interrupted run left in {self.run_dir}")
         self.progress = progress
         self.log = log
         self.timings: list[dict] = []
+        self._held = contextlib.ExitStack()
+        # Nothing in the folder is touched before the lock is held: another live run may be writing there.
+        lock = self._held.enter_context(run_lock(self.run_dir))
+        try:
+            if lock.previous is not None:
+                log(
+                    f"[run] took over {self.run_dir} from a run that stopped without releasing it "
+                    f"({describe_holder(lock.previous)})"
+                )
+            self.cache = StageCache(self.run_dir, resume=resume)
+            # Temporary files an earlier run left when it was killed (SIGKILL, power loss): never results.
+            stale = [
+                path
+                for folder in (self.run_dir, self.run_dir / "bench")
+                for path in remove_stale_parts(folder)
+            ]
+            if stale:
+                log(f"[run] removed {len(stale)} partial file(s) an interrupted run left in {self.run_dir}")
+            # A report describes the models of the run that wrote it: once this run may replace any of
+            # them, the old one goes, so an interrupted run never leaves a report beside other models.
+            old_report = [name for name in PREVIOUS_RUN_REPORT if (self.run_dir / name).is_file()]
+            for name in old_report:
+                (self.run_dir / name).unlink()
+            if old_report:
+                log(f"[run] removed the previous report ({', '.join(old_report)}): this run writes its own")
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the run folder."""
+        self._held.close()
+
+    def __enter__(self) -> QuantizePipeline:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def _stage(self, name: str, summary: str, started: float, cached: bool) -> None:
         seconds = time.perf_counter() - started
@@ -641,7 +679,8 @@ def run_quantize(
     log: Log = print,
 ) -> dict:
     """Run the whole pipeline for ``recipe``; return the report dict (``report.json`` plus ``run_dir``)."""
-    return QuantizePipeline(recipe, output=output, resume=resume, progress=progress, log=log).run()
+    with QuantizePipeline(recipe, output=output, resume=resume, progress=progress, log=log) as pipeline:
+        return pipeline.run()
 
 
 def run_sensitivity(
@@ -653,4 +692,5 @@ def run_sensitivity(
     log: Log = print,
 ) -> dict:
     """Calibrate ``recipe``'s model and write its per-layer sensitivity evidence into the run folder."""
-    return QuantizePipeline(recipe, output=output, resume=resume, progress=progress, log=log).sensitivity()
+    with QuantizePipeline(recipe, output=output, resume=resume, progress=progress, log=log) as pipeline:
+        return pipeline.sensitivity()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -153,9 +154,42 @@ def test_a_run_removes_the_partial_files_a_killed_run_left(tmp_path: Path) -> No
         orphan.write_bytes(b"half")
     (run / "model.fp32.onnx").write_bytes(b"a finished artifact")
     lines: list[str] = []
-    QuantizePipeline(load_recipe(RECIPE), output=run, log=lines.append)
+    with QuantizePipeline(load_recipe(RECIPE), output=run, log=lines.append):
+        pass
     assert lines == [f"[run] removed 2 partial file(s) an interrupted run left in {run}"]
     assert sorted(p.name for p in run.rglob("*")) == ["bench", "model.fp32.onnx"]
+
+
+def test_a_new_run_removes_the_previous_report_before_any_stage(tmp_path: Path) -> None:
+    # Interrupted after export, a rerun would otherwise leave the old report beside new models, and a
+    # CI gate would read it.
+    from nasquant.pipeline import PREVIOUS_RUN_REPORT, QuantizePipeline
+    from nasquant.recipe import load_recipe
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in (*PREVIOUS_RUN_REPORT, "model.fp32.onnx", "calibration.safetensors"):
+        (run / name).write_text("from the previous run")
+    lines: list[str] = []
+    with QuantizePipeline(load_recipe(RECIPE), output=run, resume=True, log=lines.append):
+        remaining = sorted(p.name for p in run.iterdir())
+    assert remaining == [".nasquant.lock", "calibration.safetensors", "model.fp32.onnx"]
+    assert lines == [
+        f"[run] removed the previous report ({', '.join(PREVIOUS_RUN_REPORT)}): this run writes its own"
+    ]
+
+
+def test_a_second_run_into_a_held_folder_is_refused_in_one_line(tmp_path: Path, capsys) -> None:
+    from nasquant.io import run_lock
+
+    run = tmp_path / "run"
+    with run_lock(run):  # what a live run holds; another process's lock behaves the same (tests/test_io.py)
+        (run / "report.json").write_text("{}")
+        assert _quantize(run) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert f"{run} is in use by another nasquant run (pid {os.getpid()} on host" in err
+    assert [p.name for p in run.iterdir()] == ["report.json"], "nothing was touched"
 
 
 def test_stage_keys_change_with_the_nasquant_version(monkeypatch: pytest.MonkeyPatch) -> None:
