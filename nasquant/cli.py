@@ -524,6 +524,16 @@ def _out_of_memory(exc: BaseException) -> bool:
     )
 
 
+def _close_progress_bars() -> None:
+    """End every progress bar still open, so the error line starts on its own line. Bars are context
+    managers and close on errors, except one whose constructor was interrupted (a signal right after
+    its first draw): it is registered with tqdm but no ``with`` owns it yet."""
+    tqdm_module = sys.modules.get("tqdm")  # nothing to close when tqdm was never imported
+    if tqdm_module is not None:
+        for bar in list(tqdm_module.tqdm._instances):
+            bar.close()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
@@ -533,6 +543,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def fail(message: str, code: int) -> int:
         if args.debug:
             traceback.print_exc()
+        _close_progress_bars()
         print(f"nasquant: {message}", file=sys.stderr)
         return code
 

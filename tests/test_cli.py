@@ -180,3 +180,21 @@ def test_engine_build_without_tensorrt_says_how_to_get_it(flavors: dict[str, Pat
         "no CUDA device": "no CUDA device",
     }
     _assert_one_line_error(code, capsys.readouterr().err, expected[tensorrt_unavailable()])
+
+
+def test_an_error_line_follows_a_bar_whose_owner_never_closed_it(monkeypatch, capsys) -> None:
+    # A SIGTERM right after a bar's first draw, inside its constructor: no `with` owns the bar yet.
+    from tqdm import tqdm
+
+    from nasquant import cli
+
+    def interrupted_bench(args) -> int:
+        bar = tqdm(total=1_000_000, desc="bench torch", file=sys.stderr)  # alive in the traceback's frame
+        bar.update(3)
+        raise cli._Terminated
+
+    monkeypatch.setitem(cli.COMMANDS, "bench", interrupted_bench)
+    assert main(["bench", "--model", "x.onnx"]) == cli.EXIT_TERMINATED
+    err = capsys.readouterr().err
+    assert "bench torch" in err
+    assert [line for line in err.splitlines() if "nasquant" in line] == ["nasquant: terminated"]
