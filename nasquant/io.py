@@ -132,7 +132,8 @@ def run_lock(folder: str | os.PathLike) -> Iterator[RunLock]:
 
 def _read_holder(record: Path) -> dict[str, Any] | None:
     try:
-        holder = json.loads(record.read_bytes()[:4096])
+        with record.open("rb") as file:
+            holder = json.loads(file.read(4096))  # a record is ~200 bytes; more is not one
     except FileNotFoundError:
         return None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
