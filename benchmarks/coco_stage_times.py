@@ -25,8 +25,10 @@ from pathlib import Path
 
 from nasquant.bench import host_info
 from nasquant.cli import main as nasquant_main
+from nasquant.data.sources import image_files
 from nasquant.formats import TIMINGS_NAME
-from nasquant.io import write_json
+from nasquant.io import atomic_path, write_json
+from nasquant.recipe import load_recipe
 from nasquant.report.markdown import host_summary
 from tests.checkpoints import write_sg_checkpoint
 
@@ -39,7 +41,7 @@ ID_STRIDE = 10_000_000
 
 def _repeat_images(source: Path, target: Path, count: int) -> list[tuple[int, Path]]:
     """``count`` links in ``target`` to ``source``'s images, cycling; ``(copy index, original)`` each."""
-    originals = sorted(p for p in source.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    originals = image_files(source)
     target.mkdir(parents=True)
     made = []
     for index in range(count):
@@ -106,7 +108,7 @@ def main() -> int:
     )
     parser.add_argument("--out", type=Path, default=HERE / "coco_s_stage_times")
     args = parser.parse_args()
-    calibration_images = 512  # the recipe's calibration.num_images
+    calibration_images = load_recipe(RECIPE).calibration.num_images
     with tempfile.TemporaryDirectory(prefix="coco-shaped-") as scratch:
         work = Path(scratch)
         root = build_coco_folder(work / "coco", val_images=args.val_images, train_images=calibration_images)
@@ -131,7 +133,8 @@ def main() -> int:
             **json.loads((run / TIMINGS_NAME).read_text()),
         }
     write_json(args.out.with_suffix(".json"), record)
-    args.out.with_suffix(".md").write_text(render(record))
+    with atomic_path(args.out.with_suffix(".md")) as tmp:
+        tmp.write_text(render(record))
     print(f"wrote {args.out.with_suffix('.md')}")
     return 0
 
