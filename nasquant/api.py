@@ -237,9 +237,9 @@ def val_exported(
     """COCO metrics of an exported ``.onnx`` graph or ``.engine``, preprocessed as its metadata
     records (unless overridden)."""
     from nasquant.export import onnx as keys
-    from nasquant.runtime import load_backend
+    from nasquant.runtime import open_backend
 
-    backend = load_backend(path, device=device, threads=threads)
+    backend = open_backend(path, device=device, threads=threads)
     recorded = backend.metadata.get(keys.KEY_PREPROCESS)
     size = imgsz if imgsz is not None else backend.input_size
     if recorded and protocol in (None, backend.metadata.get(keys.KEY_PROTOCOL)) and imgsz in (None, size):

@@ -389,9 +389,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     set_threads(args.threads)
     if Path(args.model).suffix.lower() in EXPORTED_SUFFIXES:
-        from nasquant.runtime import load_backend
+        from nasquant.runtime import open_backend
 
-        backend = load_backend(args.model, device=args.device, threads=args.threads)
+        backend = open_backend(args.model, device=args.device, threads=args.threads)
         if args.imgsz is not None and backend.input_size not in (None, args.imgsz):
             raise NasquantError(f"{args.model} takes {backend.input_size}px inputs, not --imgsz {args.imgsz}")
         imgsz = args.imgsz or backend.input_size or DEFAULT_IMGSZ

@@ -1,8 +1,10 @@
-"""The CUDA runtime through NVIDIA's ``cuda-python`` bindings, for the TensorRT builder and runner.
+"""NVIDIA's libraries for the TensorRT builder and runner: the CUDA runtime through ``cuda-python``'s
+bindings, and ``tensorrt`` itself.
 
 Neither needs PyTorch's CUDA build: nasquant's own environment pins CPU torch, and a TensorRT host
-gets ``cuda-python`` with ``nasquant[tensorrt]``. Imported lazily; nothing here loads at
-``import nasquant``.
+gets both with ``nasquant[tensorrt]``. Both load lazily: nothing here imports them at ``import
+nasquant``. The builder (export) and the runner (runtime) import them from here, so the runner does not
+depend on the builder.
 """
 
 from __future__ import annotations
@@ -44,3 +46,30 @@ class CudaRuntime:
         name = properties.name
         name = name.decode(errors="replace").rstrip("\x00") if isinstance(name, bytes) else str(name)
         return name, f"{properties.major}.{properties.minor}"
+
+
+def tensorrt_unavailable() -> str | None:
+    """Why this machine cannot build or run engines (``tensorrt not installed``, ``cuda-python not
+    installed``, ``no CUDA device``), or None when it can: the reason on a skipped report row."""
+    try:
+        import_tensorrt()
+    except NasquantError:
+        return "tensorrt not installed"
+    try:
+        runtime = CudaRuntime()
+    except NasquantError:
+        return "cuda-python not installed"
+    try:
+        runtime.device()
+    except NasquantError:
+        return "no CUDA device"
+    return None
+
+
+def import_tensorrt() -> Any:
+    """The ``tensorrt`` module, or one clear line saying it is not installed."""
+    try:
+        import tensorrt
+    except ImportError:
+        raise NasquantError(f"tensorrt is not installed: {INSTALL_HINT}") from None
+    return tensorrt

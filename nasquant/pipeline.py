@@ -21,6 +21,7 @@ import numpy as np
 from nasquant import __version__
 from nasquant.api import NAS
 from nasquant.bench import benchmark, host_info, set_threads
+from nasquant.cuda import tensorrt_unavailable
 from nasquant.data.calibration import check_no_overlap, select_calibration_images, write_image_list
 from nasquant.data.datasets import DetectionDataset, iter_batches, load_dataset
 from nasquant.data.preprocess import Preprocess, read_image
@@ -36,7 +37,6 @@ from nasquant.export.tensorrt import (
     build_engine,
     default_engine_path,
     engine_settings,
-    tensorrt_unavailable,
 )
 from nasquant.formats import CALIBRATION_LIST_NAME, TIMINGS_NAME
 from nasquant.io import describe_holder, remove_stale_parts, run_lock, write_json
@@ -47,7 +47,7 @@ from nasquant.report import ReportRow, artifact_size_mb, load_report, write_repo
 from nasquant.report.deploy import DEPLOY_MD, render_deploy_guide, write_deploy_guide
 from nasquant.report.files import REPORT_JSON, REPORT_MD, REPORT_PNG
 from nasquant.report.sensitivity import SENSITIVITY_JSON, write_sensitivity
-from nasquant.runtime import Backend, OnnxRuntimeBackend, TensorRTBackend, TorchBackend
+from nasquant.runtime import Backend, TorchBackend, open_backend
 
 Log = Callable[[str], None]
 
@@ -601,9 +601,7 @@ class QuantizePipeline:
     def _backend(self, artifact: Artifact, nas: NAS, path: Path | None) -> Backend:
         if artifact.backend == "torch":
             return TorchBackend(nas.model, device="cpu")
-        if artifact.backend == "tensorrt":
-            return TensorRTBackend(path)
-        return OnnxRuntimeBackend(path, threads=self.recipe.benchmark.threads)
+        return open_backend(path, threads=self.recipe.benchmark.threads)
 
     def _evaluate(
         self, artifact: Artifact, nas: NAS, spec: Preprocess, dataset: DetectionDataset, nms: NMSSettings
@@ -619,26 +617,21 @@ class QuantizePipeline:
             # A static-batch graph runs only the batch it was exported with.
             static = artifact.backend != "torch" and not recipe.export.dynamic_batch
             batch = recipe.benchmark.batch_sizes[0] if static else recipe.validation.batch_size
-            metrics = validate(
-                self._backend(artifact, nas, artifact.path),
-                dataset,
-                spec,
-                nms=nms,
-                batch_size=batch,
-                progress=self.progress,
-            )
+            with self._backend(artifact, nas, artifact.path) as backend:
+                metrics = validate(backend, dataset, spec, nms=nms, batch_size=batch, progress=self.progress)
             bench_size = recipe.benchmark.size or spec.imgsz
             samples = [read_image(p) for p in dataset.image_paths[:END_TO_END_IMAGES]]
-            timing = benchmark(
-                self._backend(artifact, nas, artifact.bench_path),
-                imgsz=bench_size,
-                batch=recipe.benchmark.batch_sizes[0],
-                warmup=recipe.benchmark.warmup,
-                iterations=recipe.benchmark.iterations,
-                progress=self.progress,
-                images=samples if recipe.benchmark.end_to_end else None,
-                spec=nas.preprocessing(recipe.validation.protocol, bench_size),
-            )
+            with self._backend(artifact, nas, artifact.bench_path) as backend:
+                timing = benchmark(
+                    backend,
+                    imgsz=bench_size,
+                    batch=recipe.benchmark.batch_sizes[0],
+                    warmup=recipe.benchmark.warmup,
+                    iterations=recipe.benchmark.iterations,
+                    progress=self.progress,
+                    images=samples if recipe.benchmark.end_to_end else None,
+                    spec=nas.preprocessing(recipe.validation.protocol, bench_size),
+                )
             fields = timing.row_fields()
             result = self.cache.put(
                 stage,

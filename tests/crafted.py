@@ -11,7 +11,9 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
+from onnx import TensorProto, helper
 from safetensors.torch import save_file
 
 from tests.weights.conftest import write_zip_pickle
@@ -20,6 +22,14 @@ from tests.weights.conftest import write_zip_pickle
 _PROTO2 = b"\x80\x02"
 _EMPTY_DICT, _EMPTY_LIST, _EMPTY_TUPLE = b"}", b"]", b")"
 _TUPLE2, _APPEND, _SETITEM, _NONE, _POP, _STOP = b"\x86", b"a", b"s", b"N", b"0", b"."
+
+
+def onnx_model(graph: onnx.GraphProto, opset: int = 17) -> onnx.ModelProto:
+    """A hand-built graph as a model with the lowest IR version its opset allows, as torch's exporter
+    writes it: ``helper.make_model``'s default is the newest IR the installed onnx knows, which an
+    older ONNX Runtime refuses ("Unsupported model IR version") before the test's own point is reached."""
+    opsets = [helper.make_opsetid("", opset)]
+    return helper.make_model(graph, opset_imports=opsets, ir_version=helper.find_min_ir_version_for(opsets))
 
 
 def _binput(index: int) -> bytes:
@@ -147,9 +157,6 @@ def report_json(path: Path, int8_map: object, *, int8_status: str = "ok", delta:
 
 def onnx_with_outside_data(path: Path) -> Path:
     """An ONNX graph whose initializer's external data points outside its folder (``../secret``)."""
-    import onnx
-    from onnx import TensorProto, helper
-
     weight = helper.make_tensor("w", TensorProto.FLOAT, [1], [0.0])
     weight.ClearField("float_data")
     weight.data_location = TensorProto.EXTERNAL
@@ -162,7 +169,7 @@ def onnx_with_outside_data(path: Path) -> Path:
         [helper.make_tensor_value_info("boxes", TensorProto.FLOAT, [1, 3, 32, 32])],
         initializer=[weight],
     )
-    onnx.save(helper.make_model(graph), str(path))
+    onnx.save(onnx_model(graph), str(path))
     return path
 
 

@@ -169,7 +169,7 @@ def test_engine_and_exported_file_mistakes_give_one_line(
 
 
 def test_engine_build_without_tensorrt_says_how_to_get_it(flavors: dict[str, Path], capsys) -> None:
-    from nasquant.export.tensorrt import tensorrt_unavailable
+    from nasquant.cuda import tensorrt_unavailable
 
     if tensorrt_unavailable() is None:
         pytest.skip("TensorRT and a GPU are present: the build test lives in tests/runtime")

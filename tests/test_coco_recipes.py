@@ -15,8 +15,8 @@ import pytest
 import yaml
 
 from nasquant.cli import main
+from nasquant.cuda import tensorrt_unavailable
 from nasquant.data.calibration import read_image_list
-from nasquant.export.tensorrt import tensorrt_unavailable
 from nasquant.formats import CALIBRATION_LIST_NAME, TIMINGS_NAME
 from tests.checkpoints import write_sg_checkpoint
 from tests.shared import shared_path

@@ -58,7 +58,7 @@ def test_report_rows_follow_the_contract(run_dir: Path) -> None:
     assert list(rows) == [
         "torch FP32", "ORT FP32", "ORT INT8 selective", "ORT INT8 selective (trt flavor)", "TRT FP16", "TRT INT8",
     ]  # fmt: skip
-    from nasquant.export.tensorrt import tensorrt_unavailable
+    from nasquant.cuda import tensorrt_unavailable
 
     reason = tensorrt_unavailable()
     if reason is not None:  # CI: the rows are there and say why

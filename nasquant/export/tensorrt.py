@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from nasquant import __version__
-from nasquant.cuda import INSTALL_HINT, CudaRuntime
+from nasquant.cuda import INSTALL_HINT, CudaRuntime, import_tensorrt
 from nasquant.errors import NasquantError
 from nasquant.export.onnx import (
     INPUT_NAME,
@@ -371,7 +371,7 @@ def build_engine(
     if not onnx_path.is_file():
         raise NasquantError(f"{onnx_path}: no such ONNX file")
     plan = build_plan(settings, tensorrt_version=trt.__version__)
-    gpu_name, capability = cuda_device()
+    gpu_name, capability = CudaRuntime().device()
     source = onnx_path
     if plan.autocast_fp16:
         log(f"[engine] AutoCast {onnx_path.name} -> FP16 graph for a strongly typed build")
@@ -419,38 +419,6 @@ def _build(
     config.progress_monitor = monitor
     with _heartbeat(lambda: monitor.phase, f"[engine] building {engine_path.name}", log, heartbeat_s):
         return builder.build_serialized_network(network, config), cache
-
-
-def tensorrt_unavailable() -> str | None:
-    """Why this machine cannot build or run engines (``tensorrt not installed``, ``cuda-python not
-    installed``, ``no CUDA device``), or None when it can: the reason on a skipped report row."""
-    try:
-        import_tensorrt()
-    except NasquantError:
-        return "tensorrt not installed"
-    try:
-        runtime = CudaRuntime()
-    except NasquantError:
-        return "cuda-python not installed"
-    try:
-        runtime.device()
-    except NasquantError:
-        return "no CUDA device"
-    return None
-
-
-def import_tensorrt() -> Any:
-    """The ``tensorrt`` module, or one clear line saying it is not installed."""
-    try:
-        import tensorrt
-    except ImportError:
-        raise NasquantError(f"tensorrt is not installed: {INSTALL_HINT}") from None
-    return tensorrt
-
-
-def cuda_device(index: int = 0) -> tuple[str, str]:
-    """``(name, "major.minor")`` of a CUDA GPU, or one clear line saying there is none."""
-    return CudaRuntime().device(index)
 
 
 def _configure(trt: Any, builder: Any, config: Any, plan: BuildPlan) -> None:

@@ -13,7 +13,7 @@ __all__ = [
     "OnnxRuntimeBackend",
     "TensorRTBackend",
     "TorchBackend",
-    "load_backend",
+    "open_backend",
     "optimized_op_types",
     "parse_device",
     "resolve_device",
@@ -33,7 +33,7 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'nasquant.runtime' has no attribute {name!r}")
 
 
-def load_backend(
+def open_backend(
     path: str | os.PathLike, *, device: str | None = None, threads: int | None = None
 ) -> Backend:
     """The backend for an exported model file: ``.onnx`` runs on ONNX Runtime (``device`` picks the

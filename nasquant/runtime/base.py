@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from pathlib import Path
 from time import perf_counter_ns
+from types import MappingProxyType
+from typing import TypeVar
 
 import numpy as np
 
 from nasquant.errors import NasquantError
 
+_Opened = TypeVar("_Opened", bound="Backend")
 _DEVICE = re.compile(r"(cpu|cuda)(?::([0-9]{1,3}))?")
 
 
@@ -34,6 +39,9 @@ class Backend(ABC):
 
     ``run`` takes float32 ``(N, 3, H, W)`` images in [0, 1] and returns ``(boxes, scores)`` as float32
     numpy arrays: ``(N, A, 4)`` xyxy in input pixels and ``(N, A, C)`` class probabilities.
+
+    A backend holds runtime resources (sessions, device memory, CUDA streams): use it as a context
+    manager, or call :meth:`close`, which is idempotent.
     """
 
     #: short backend name: ``torch``, ``onnxruntime``, ``tensorrt``
@@ -42,9 +50,54 @@ class Backend(ABC):
     precision: str
     #: where it runs: ``cpu``, ``cuda:0``, ...
     device: str
+    #: the artifact file it runs; None for an in-memory torch module
+    path: Path | None = None
+    #: what the artifact records about itself (names, preprocessing, ...); empty for a torch module
+    metadata: Mapping[str, str] = MappingProxyType({})
+    #: the square input size the artifact was built for; None when it takes any size
+    input_size: int | None = None
+    #: the artifact's fixed batch; None when the batch is dynamic
+    batch_size: int | None = None
+    #: set by :meth:`close`
+    closed: bool = False
 
     @abstractmethod
     def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def close(self) -> None:
+        """Release what the backend holds; calling it again does nothing."""
+        if not self.closed:
+            self.closed = True
+            self._release()
+
+    @abstractmethod
+    def _release(self) -> None:
+        """Free the backend's runtime resources; called once, by :meth:`close`."""
+
+    def __enter__(self: _Opened) -> _Opened:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def padded(self, images: np.ndarray, *, limit: int | None = None) -> tuple[np.ndarray, int]:
+        """``images`` padded with zero images to the fixed batch, and the count of real ones: a short
+        last batch (validation) runs on a fixed-batch artifact and the padding's outputs are dropped.
+        ``limit`` is the largest batch a dynamic artifact accepts (None: any)."""
+        if self.closed:
+            raise NasquantError(f"{self.describe()} is closed")
+        count = len(images)
+        largest = self.batch_size or limit
+        if count < 1 or (largest is not None and count > largest):
+            raise NasquantError(
+                f"{self.path.name if self.path else self.describe()} takes batches of 1 to {largest}, "
+                f"got {count}; use a smaller batch"
+                + (" or export with a dynamic batch" if self.batch_size is not None else "")
+            )
+        if self.batch_size is None or count == self.batch_size:
+            return images, count
+        padding = np.zeros((self.batch_size - count, *images.shape[1:]), dtype=images.dtype)
+        return np.concatenate([images, padding]), count
 
     def timed_run(self, images: np.ndarray) -> int:
         """Run once and return its duration in nanoseconds: the host clock around :meth:`run` here;

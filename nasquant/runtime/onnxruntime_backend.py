@@ -65,7 +65,7 @@ class OnnxRuntimeBackend(Backend):
             )
         if self.session.get_providers()[0] != _CUDA:
             self.device = "cpu"
-        self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
+        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
         self.precision: str = self.metadata.get(KEY_PRECISION) or _graph_precision(self.path)
 
         model_input = self.session.get_inputs()[0]
@@ -74,8 +74,8 @@ class OnnxRuntimeBackend(Backend):
         if len(shape) != 4:
             raise NasquantError(f"{self.path}: expected a (N, 3, H, W) image input, found shape {shape}")
         # A symbolic dimension is a string (or None); a fixed one is an int.
-        self.batch_size: int | None = shape[0] if isinstance(shape[0], int) else None
-        self.input_size: int | None = shape[2] if isinstance(shape[2], int) else None
+        self.batch_size = shape[0] if isinstance(shape[0], int) else None
+        self.input_size = shape[2] if isinstance(shape[2], int) else None
         self._spatial = tuple(d if isinstance(d, int) else None for d in shape[1:])
         outputs = [o.name for o in self.session.get_outputs()]
         if len(outputs) < 2:
@@ -92,18 +92,13 @@ class OnnxRuntimeBackend(Backend):
                     f"{self.path.name} takes (N, {', '.join(str(d) for d in self._spatial)}) inputs, "
                     f"got {tuple(images.shape)}"
                 )
-        count = len(images)
-        if self.batch_size is not None and count > self.batch_size:
-            raise NasquantError(
-                f"batch of {count} images exceeds {self.path.name}'s fixed batch size {self.batch_size}; "
-                "use a smaller batch or export with a dynamic batch"
-            )
-        if self.batch_size is not None and count < self.batch_size:
-            # A partial last batch (validation) fits a fixed-batch graph once padded; extra rows are dropped.
-            padding = np.zeros((self.batch_size - count, *images.shape[1:]), dtype=np.float32)
-            images = np.concatenate([images, padding])
+        images, count = self.padded(images)
         boxes, scores = self.session.run(self._output_names, {self._input_name: images})
         return boxes[:count].astype(np.float32, copy=False), scores[:count].astype(np.float32, copy=False)
+
+    def _release(self) -> None:
+        # ONNX Runtime has no explicit close: the session (and its arena) goes with the last reference.
+        del self.session
 
 
 def optimized_op_types(

@@ -19,16 +19,20 @@ from typing import Any
 
 import numpy as np
 
-from nasquant.cuda import CudaRuntime
+from nasquant.cuda import CudaRuntime, import_tensorrt
 from nasquant.errors import NasquantError
 from nasquant.export.onnx import INPUT_NAME, OUTPUT_NAMES
 from nasquant.export.sidecar import EngineSidecar
-from nasquant.export.tensorrt import import_tensorrt
 from nasquant.runtime.base import Backend
 
 
 class TensorRTBackend(Backend):
-    """Runs a ``.engine`` built by nasquant (it reads the ``.engine.json`` sidecar beside it)."""
+    """Runs a ``.engine`` built by nasquant (it reads the ``.engine.json`` sidecar beside it).
+
+    Holds an engine, an execution context, a CUDA stream, two events and a device + pinned host buffer
+    per I/O tensor; :meth:`close` frees them all (also when the constructor fails half-way), the way
+    polygraphy's runners free theirs on deactivation.
+    """
 
     name = "tensorrt"
 
@@ -45,22 +49,34 @@ class TensorRTBackend(Backend):
         )
         self.precision = self.sidecar.precision
         self.device = f"cuda:{device}"
-        self.cuda.check(self.cuda.rt.cudaSetDevice(device))
+        self.metadata = dict(self.sidecar.onnx_metadata)
+        self.input_size = self.sidecar.input_size
+        self.engine: Any = None
+        self.context: Any = None
+        self.stream: Any = None
+        self.start: Any = None
+        self.end: Any = None
+        self.buffers: dict[str, _Buffer] = {}
+        try:
+            self._open(trt, device)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, trt: Any, device: int) -> None:
+        rt = self.cuda.rt
+        self.cuda.check(rt.cudaSetDevice(device))
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engine = runtime.deserialize_cuda_engine(self.path.read_bytes())
         if self.engine is None:
             raise NasquantError(f"{self.path}: TensorRT could not deserialize the engine")
         self.context = self.engine.create_execution_context()
-        self.stream = self.cuda.check(self.cuda.rt.cudaStreamCreate())
-        self.start, self.end = (self.cuda.check(self.cuda.rt.cudaEventCreate()) for _ in range(2))
-        self.metadata: dict[str, str] = dict(self.sidecar.onnx_metadata)
-        self.input_size: int | None = self.sidecar.input_size
+        self.stream = self.cuda.check(rt.cudaStreamCreate())
+        self.start = self.cuda.check(rt.cudaEventCreate())
+        self.end = self.cuda.check(rt.cudaEventCreate())
         self.max_batch = self._max_batch()
         #: the engine's fixed batch, or None for a dynamic-batch engine (the ONNX backend's meaning)
-        self.batch_size: int | None = (
-            self.max_batch if self.engine.get_tensor_shape(INPUT_NAME)[0] >= 0 else None
-        )
-        self.buffers: dict[str, _Buffer] = {}
+        self.batch_size = self.max_batch if self.engine.get_tensor_shape(INPUT_NAME)[0] >= 0 else None
         for index in range(self.engine.num_io_tensors):
             name = self.engine.get_tensor_name(index)
             shape = [self.max_batch if d < 0 else int(d) for d in self.engine.get_tensor_shape(name)]
@@ -70,6 +86,22 @@ class TensorRTBackend(Backend):
         missing = {INPUT_NAME, *OUTPUT_NAMES} - self.buffers.keys()
         if missing:
             raise NasquantError(f"{self.path}: engine lacks the tensors {', '.join(sorted(missing))}")
+
+    def _release(self) -> None:
+        rt = self.cuda.rt
+        for buffer in self.buffers.values():
+            buffer.free()
+        self.buffers = {}
+        for event in (self.start, self.end):
+            if event is not None:
+                self.cuda.check(rt.cudaEventDestroy(event))
+        self.start = self.end = None
+        if self.stream is not None:
+            self.cuda.check(rt.cudaStreamDestroy(self.stream))
+            self.stream = None
+        # TensorRT wants an execution context destroyed before the engine it came from.
+        self.context = None
+        self.engine = None
 
     def _max_batch(self) -> int:
         shape = self.engine.get_tensor_shape(INPUT_NAME)
@@ -87,14 +119,8 @@ class TensorRTBackend(Backend):
         return self._execute(images, timed=True)[2]
 
     def _execute(self, images: np.ndarray, *, timed: bool) -> tuple[np.ndarray, np.ndarray, int]:
+        images, count = self.padded(images, limit=self.max_batch)
         images = np.ascontiguousarray(images, dtype=self.buffers[INPUT_NAME].dtype)
-        count = images.shape[0]
-        if not 1 <= count <= self.max_batch:
-            raise NasquantError(f"{self.path.name} takes batches of 1 to {self.max_batch}, got {count}")
-        if self.batch_size is not None and count < self.batch_size:
-            # a fixed-batch engine runs its whole batch: pad, then drop the padding's outputs
-            padding = np.zeros((self.batch_size - count, *images.shape[1:]), dtype=images.dtype)
-            images = np.concatenate([images, padding])
         rt, stream = self.cuda.rt, self.stream
         self.context.set_input_shape(INPUT_NAME, images.shape)
         if timed:
@@ -123,8 +149,18 @@ class _Buffer:
         self.cuda, self.dtype = cuda, dtype
         self.nbytes = int(np.prod(shape)) * dtype.itemsize
         self.device = int(cuda.check(cuda.rt.cudaMalloc(self.nbytes)))
-        pinned = int(cuda.check(cuda.rt.cudaMallocHost(self.nbytes)))
-        self.host = np.frombuffer((ctypes.c_byte * self.nbytes).from_address(pinned), dtype=dtype)
+        try:
+            self.pinned = int(cuda.check(cuda.rt.cudaMallocHost(self.nbytes)))
+        except NasquantError:
+            cuda.check(cuda.rt.cudaFree(self.device))
+            raise
+        self.host = np.frombuffer((ctypes.c_byte * self.nbytes).from_address(self.pinned), dtype=dtype)
+
+    def free(self) -> None:
+        """Return both allocations; the host view goes first, as it points into the pinned memory."""
+        self.host = None
+        self.cuda.check(self.cuda.rt.cudaFreeHost(self.pinned))
+        self.cuda.check(self.cuda.rt.cudaFree(self.device))
 
     def upload(self, array: np.ndarray, stream: Any) -> None:
         flat = array.reshape(-1)

@@ -50,8 +50,16 @@ class TorchBackend(Backend):
 
     @torch.inference_mode()
     def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.closed:
+            raise NasquantError(f"{self.describe()} is closed")
         batch = torch.from_numpy(np.ascontiguousarray(images)).to(
             self._device, self._dtype, non_blocking=True
         )
         boxes, scores = self.model(batch)
         return boxes.float().cpu().numpy(), scores.float().cpu().numpy()
+
+    def _release(self) -> None:
+        # Drops the reference (the device copy, when one was made); the caller's module stays as it was.
+        del self.model
+        if self._device.type == "cuda":
+            torch.cuda.empty_cache()

@@ -33,6 +33,7 @@ from nasquant.export import (
 from nasquant.quant import keep_in_float
 from nasquant.runtime import OnnxRuntimeBackend, optimized_op_types
 from tests.conftest import IMGSZ
+from tests.crafted import onnx_model
 from tests.shared import shared_path
 
 # YOLO-NAS-S: 98 convs + 2 transposed convs (weights and inputs) + 3 SPP max-pools (inputs)
@@ -63,6 +64,16 @@ def _is_weight(node: onnx.NodeProto, model: onnx.ModelProto) -> bool:
     producers = {out: n for n in model.graph.node for out in n.output}
     source = node.input[0] if node.op_type == "QuantizeLinear" else producers[node.input[0]].input[0]
     return source in initializers
+
+
+def test_every_graph_has_the_lowest_ir_version_its_opsets_allow(
+    flavors: dict[str, Path], fp32_onnx: Path
+) -> None:
+    # A newer IR than needed is refused by older readers (ONNX Runtime 1.30 reads IR 13 at most;
+    # TensorRT's parser lags further): the graphs carry what their opsets require, as torch writes it.
+    for path in (fp32_onnx, *flavors.values()):
+        model = onnx.load(str(path), load_external_data=False)
+        assert model.ir_version == helper.find_min_ir_version_for(list(model.opset_import)), path.name
 
 
 def test_tensorrt_flavor_is_modelopts_signed_qdq(flavors: dict[str, Path]) -> None:
@@ -237,7 +248,7 @@ def _qdq_conv_graph(tail: str, scales: tuple[float, float] = (0.1, 0.1)) -> onnx
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 4, 4])],
         inits,
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return onnx_model(graph)
 
 
 @pytest.mark.parametrize(
@@ -275,7 +286,7 @@ def _chain(nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto]) -> onnx.M
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
         inits,
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return onnx_model(graph)
 
 
 def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
@@ -400,7 +411,7 @@ def _upsampling_graph(kernel: int, stride: int) -> onnx.ModelProto:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, cout, size, size])],
         inits,
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return onnx_model(graph)
 
 
 @pytest.mark.parametrize(("kernel", "stride", "rewritten"), [(2, 2, True), (3, 3, True), (3, 2, False)])
@@ -449,7 +460,7 @@ def _strided_conv_graph(
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, cout, None, None])],
         inits,
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return onnx_model(graph)
 
 
 @pytest.mark.parametrize(

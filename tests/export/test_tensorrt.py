@@ -13,6 +13,7 @@ import pytest
 from onnx import TensorProto
 
 from nasquant import NAS
+from nasquant.cuda import tensorrt_unavailable
 from nasquant.data.preprocess import preprocess, read_image
 from nasquant.errors import NasquantError
 from nasquant.export import count_qdq
@@ -28,7 +29,6 @@ from nasquant.export.tensorrt import (
     default_engine_path,
     engine_settings,
     optimization_profile,
-    tensorrt_unavailable,
     trtexec_command,
 )
 from nasquant.recipe import load_recipe

@@ -16,6 +16,7 @@ from nasquant import NAS
 from nasquant.errors import NasquantError
 from nasquant.export import KEY_NAMES, export_onnx
 from nasquant.runtime import Backend, OnnxRuntimeBackend, optimized_op_types
+from tests.crafted import onnx_model
 from tests.shared import shared_path
 
 IMGSZ = 64  # small: these tests are about the runtime wrapper, not accuracy
@@ -57,7 +58,7 @@ def _identity_model(path: Path, *, quantized: bool) -> Path:
         [helper.make_tensor_value_info(name, TensorProto.FLOAT, shape) for name in ("boxes", "scores")],
         inits,
     )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    onnx.save(onnx_model(graph), str(path))
     return path
 
 
@@ -79,7 +80,10 @@ def test_a_partial_batch_is_padded_and_a_larger_one_refused(nas: NAS, batch2_onn
     assert boxes.shape == (1, 84, 4) and scores.shape == (1, 84, 6) and boxes.dtype == np.float32
     assert np.abs(boxes - ref_boxes.numpy()).max() <= 1e-3
     assert np.abs(scores - ref_scores.numpy()).max() <= 1e-5
-    with pytest.raises(NasquantError, match="batch of 3 images exceeds model.onnx's fixed batch size 2"):
+    with pytest.raises(
+        NasquantError,
+        match="model.onnx takes batches of 1 to 2, got 3; use a smaller batch or export with a dynamic batch",
+    ):
         backend.run(images)
     with pytest.raises(NasquantError, match=r"takes \(N, 3, 64, 64\) inputs"):
         backend.run(np.zeros((1, 3, 32, 32), np.float32))

@@ -14,14 +14,15 @@ import torch
 
 from nasquant import NAS
 from nasquant.bench import benchmark_model
+from nasquant.cuda import tensorrt_unavailable
 from nasquant.data.datasets import load_dataset
 from nasquant.data.preprocess import preprocess, read_image
 from nasquant.errors import NasquantError
 from nasquant.eval.validate import validate
 from nasquant.export import KEY_FLAVOR, export_onnx
 from nasquant.export.sidecar import EngineSidecar, file_sha256, sidecar_path
-from nasquant.export.tensorrt import EngineSettings, EngineSource, build_engine, tensorrt_unavailable
-from nasquant.runtime import OnnxRuntimeBackend, load_backend
+from nasquant.export.tensorrt import EngineSettings, EngineSource, build_engine
+from nasquant.runtime import OnnxRuntimeBackend, open_backend
 from nasquant.runtime.tensorrt_backend import TensorRTBackend
 from tests.shared import shared_path
 
@@ -32,7 +33,7 @@ def test_a_missing_engine_or_sidecar_is_one_clear_error(tmp_path: Path) -> None:
     engine = tmp_path / "model.int8.engine"
     engine.write_bytes(b"not really an engine")
     with pytest.raises(NasquantError, match="no sidecar beside the engine"):
-        load_backend(engine)  # .engine files go to the TensorRT runner
+        open_backend(engine)  # .engine files go to the TensorRT runner
 
 
 @pytest.mark.skipif(tensorrt_unavailable() != "tensorrt not installed", reason="TensorRT is installed here")
