@@ -23,10 +23,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from nasquant.artifacts import TIMINGS_NAME
 from nasquant.bench import host_info
 from nasquant.cli import main as nasquant_main
 from nasquant.data.sources import image_files
-from nasquant.formats import TIMINGS_NAME
 from nasquant.io import atomic_path, write_json
 from nasquant.recipe import load_recipe
 from nasquant.report.markdown import host_summary

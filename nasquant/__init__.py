@@ -1,11 +1,6 @@
 """nasquant: selective INT8 quantization, export and validation for YOLO-NAS detectors."""
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("nasquant")
-except PackageNotFoundError:  # running from a source tree that was not installed
-    __version__ = "0.0.0+unknown"
+from nasquant._version import __version__
 
 __all__ = ["NAS", "__version__"]
 

@@ -15,9 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from nasquant import __version__
+from nasquant._version import __version__
 from nasquant.errors import NasquantError
-from nasquant.formats import DEFAULT_IMGSZ, EXPORTED_SUFFIXES
 from nasquant.io import write_json
 from nasquant.recipe import (
     BenchmarkSection,
@@ -63,10 +62,11 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         required=True,
-        help="checkpoint (.pt/.pth/.safetensors), folder, URL or alias yolo_nas_s|m|l",
+        help="checkpoint (.pt/.pth/.safetensors), folder, URL or alias yolo_nas_s|m|l, "
+        "or an exported .onnx/.engine (e.g. a run's model.int8.cpu.onnx)",
     )
     parser.add_argument("--variant", help="expected variant (yolo_nas_s|m|l); checked against the weights")
-    parser.add_argument("--sha256", help="expected sha256 of the checkpoint file (downloads are verified)")
+    parser.add_argument("--sha256", help="expected sha256 of the model file (downloads are verified)")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when present)")
 
 
@@ -89,14 +89,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    info = commands.add_parser("info", help="describe a checkpoint: variant, classes, params, GFLOPs, layers")
+    info = commands.add_parser(
+        "info", help="describe a model: variant, classes, input; params/GFLOPs or precision/float layers"
+    )
     _add_model_arguments(info)
     info.add_argument(
         "--imgsz", type=_SIZE, default=640, help="input size for the GFLOPs count (default 640)"
     )
     info.add_argument("--json", metavar="PATH", help="also write the description as JSON")
 
-    val = commands.add_parser("val", help="COCO mAP of a checkpoint on a dataset (pycocotools)")
+    val = commands.add_parser(
+        "val", help="COCO mAP of a checkpoint or exported file on a dataset (pycocotools)"
+    )
     _add_model_arguments(val)
     val.add_argument("--data", required=True, help="COCO json / COCO folder / Ultralytics data yaml")
     _add_preprocess_arguments(val)
@@ -280,11 +284,24 @@ def _cmd_info(args: argparse.Namespace) -> None:
     rows = [
         ("source", info["source"]),
         ("sha256", info["sha256"]),
+        ("format", info["format"]),
         ("variant", info["variant"]),
-        ("classes", f"{info['num_classes']}: {shown}"),
-        ("parameters", f"{info['parameters']:,} (fused: {info['parameters_fused']:,})"),
-        (f"GFLOPs @{info['gflops_imgsz']}", f"{info['gflops']:.2f} (fused; 2 FLOPs per multiply-add)"),
-        ("conv layers", f"{info['conv_layers']} (fused)"),
+        ("classes", f"{info['num_classes'] or '?'}: {shown or 'no names recorded'}"),
+    ]
+    if info["format"] == "checkpoint":
+        rows += [
+            ("parameters", f"{info['parameters']:,} (fused: {info['parameters_fused']:,})"),
+            (f"GFLOPs @{info['gflops_imgsz']}", f"{info['gflops']:.2f} (fused; 2 FLOPs per multiply-add)"),
+            ("conv layers", f"{info['conv_layers']} (fused)"),
+        ]
+    else:
+        flavor = f" ({info['flavor']} flavour)" if info["flavor"] else ""
+        rows += [
+            ("precision", f"{info['precision'] or 'not recorded'}{flavor}"),
+            ("kept in float", ", ".join(info["fp_layers"]) or "none recorded"),
+            ("file size", f"{info['file_mb']} MB"),
+        ]
+    rows += [
         ("input size", str(info["input_size"])),
         ("preprocessing", str(info["preprocessing"] or "not recorded (Deci COCO default)")),
     ]
@@ -296,21 +313,10 @@ def _cmd_info(args: argparse.Namespace) -> None:
 
 
 def _cmd_val(args: argparse.Namespace) -> None:
-    from nasquant.eval.postprocess import NMSSettings
-
-    nms = NMSSettings(conf=args.conf, iou=args.iou, top_k=args.top_k, max_det=args.max_det)
-    if Path(args.model).suffix.lower() in EXPORTED_SUFFIXES:
-        from nasquant.api import val_exported
-
-        metrics = val_exported(
-            args.model, args.data, protocol=args.protocol, imgsz=args.imgsz, batch=args.batch, nms=nms,
-            device=args.device,
-        )  # fmt: skip
-    else:
-        metrics = _load(args).val(
-            args.data, imgsz=args.imgsz, protocol=args.protocol or "sg", batch=args.batch, conf=nms.conf,
-            iou=nms.iou, top_k=nms.top_k, max_det=nms.max_det, device=args.device,
-        )  # fmt: skip
+    metrics = _load(args).val(
+        args.data, imgsz=args.imgsz, protocol=args.protocol, batch=args.batch, conf=args.conf, iou=args.iou,
+        top_k=args.top_k, max_det=args.max_det,
+    )  # fmt: skip
     print(
         f"{metrics['variant']} on {metrics['dataset']} ({metrics['num_images']} images, imgsz {metrics['imgsz']}, "
         f"protocol {metrics['protocol']}, {metrics['backend']} {metrics['precision']} {metrics['device']})"
@@ -336,7 +342,7 @@ def _cmd_predict(args: argparse.Namespace) -> None:
         conf=args.conf,
         iou=args.iou,
         imgsz=args.imgsz,
-        protocol=args.protocol or "sg",
+        protocol=args.protocol,
         max_det=args.max_det,
         save_dir=args.out,
         progress=True,
@@ -385,22 +391,16 @@ def _cmd_sensitivity(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    from nasquant.api import NAS
     from nasquant.bench import benchmark, set_threads
 
     set_threads(args.threads)
-    if Path(args.model).suffix.lower() in EXPORTED_SUFFIXES:
-        from nasquant.runtime import open_backend
-
-        backend = open_backend(args.model, device=args.device, threads=args.threads)
-        if args.imgsz is not None and backend.input_size not in (None, args.imgsz):
-            raise NasquantError(f"{args.model} takes {backend.input_size}px inputs, not --imgsz {args.imgsz}")
-        imgsz = args.imgsz or backend.input_size or DEFAULT_IMGSZ
-    else:
-        from nasquant.api import NAS
-
-        nas = NAS(args.model, device=args.device).fuse()
-        backend, imgsz = nas.backend(), nas.preprocessing(imgsz=args.imgsz).imgsz
-    result = benchmark(backend, imgsz=imgsz, batch=args.batch, warmup=args.warmup, iterations=args.iterations)
+    nas = NAS(args.model, device=args.device, threads=args.threads).fuse()
+    imgsz = nas.preprocessing(imgsz=args.imgsz).imgsz
+    with nas.backend() as backend:
+        result = benchmark(
+            backend, imgsz=imgsz, batch=args.batch, warmup=args.warmup, iterations=args.iterations
+        )
     stats = result.model
     print(
         f"{args.model}: {backend.describe()}, {imgsz}px batch {stats.batch}: p50 {stats.p50_ms:.2f} ms, "

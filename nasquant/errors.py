@@ -7,3 +7,10 @@ its traceback.
 
 class NasquantError(Exception):
     """Bad input from the user: a missing or corrupt file, a wrong variant, an unknown key."""
+
+
+def first_line(exc: BaseException) -> str:
+    """A library exception as one line for a :class:`NasquantError` message: its first line, or its
+    type's name when it says nothing (ONNX and protobuf errors run to many lines)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

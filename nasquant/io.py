@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from nasquant.errors import NasquantError
-from nasquant.formats import LOCK_NAME
 
 #: Suffix of the temporary files :func:`atomic_path` writes (``.<final name>.<random>.part``).
 PART_SUFFIX = ".part"
@@ -78,6 +77,10 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, os.PathLike):
         return os.fspath(value)
     raise TypeError(f"cannot serialise {type(value).__name__} to JSON")
+
+
+#: In a run folder: who holds its lock (JSON), present only while a run holds it or after one was killed.
+LOCK_NAME = ".nasquant.lock"
 
 
 @dataclass(frozen=True)

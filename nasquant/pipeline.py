@@ -18,8 +18,16 @@ from pathlib import Path
 
 import numpy as np
 
-from nasquant import __version__
+from nasquant._version import __version__
 from nasquant.api import NAS
+from nasquant.artifacts import (
+    CALIBRATION_LIST_NAME,
+    KEY_FLAVOR,
+    KEY_FP_LAYERS,
+    KEY_RECIPE_HASH,
+    TIMINGS_NAME,
+    sidecar_path,
+)
 from nasquant.bench import benchmark, host_info, set_threads
 from nasquant.cuda import tensorrt_unavailable
 from nasquant.data.calibration import check_no_overlap, select_calibration_images, write_image_list
@@ -29,8 +37,6 @@ from nasquant.errors import NasquantError
 from nasquant.eval.postprocess import NMSSettings
 from nasquant.eval.validate import validate
 from nasquant.export import export_onnx, write_cpu_flavor
-from nasquant.export import onnx as onnx_keys
-from nasquant.export.sidecar import sidecar_path
 from nasquant.export.tensorrt import (
     EngineSettings,
     EngineSource,
@@ -38,7 +44,6 @@ from nasquant.export.tensorrt import (
     default_engine_path,
     engine_settings,
 )
-from nasquant.formats import CALIBRATION_LIST_NAME, TIMINGS_NAME
 from nasquant.io import describe_holder, remove_stale_parts, run_lock, write_json
 from nasquant.quant import calibrate, keep_in_float, load_calibration, save_calibration
 from nasquant.quant.sensitivity import SensitivityResult, analyze, search_fp_layers
@@ -444,11 +449,11 @@ class QuantizePipeline:
         """The model's own metadata plus where this graph came from (export adds version, precision, size)."""
         return {
             **nas.onnx_metadata(self.recipe.validation.protocol, spec.imgsz),
-            onnx_keys.KEY_RECIPE_HASH: self.recipe.section_hash(
+            KEY_RECIPE_HASH: self.recipe.section_hash(
                 "model", "input", "calibration", "quantization", "export"
             ),
-            onnx_keys.KEY_FLAVOR: flavor or "",
-            onnx_keys.KEY_FP_LAYERS: json.dumps(fp_layers),
+            KEY_FLAVOR: flavor or "",
+            KEY_FP_LAYERS: json.dumps(fp_layers),
         }
 
     def _export(

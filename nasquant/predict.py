@@ -36,6 +36,10 @@ class Prediction:
     def __len__(self) -> int:
         return len(self.scores)
 
+    def label(self, class_id: int) -> str:
+        """The class's name, or its id where the model records no names."""
+        return self.names[class_id] if 0 <= class_id < len(self.names) else str(class_id)
+
     def to_dict(self) -> dict:
         return {
             "source": self.source,
@@ -46,7 +50,7 @@ class Prediction:
                     "box": [round(float(v), 2) for v in box],
                     "score": round(float(score), 5),
                     "class_id": int(cls),
-                    "class_name": self.names[int(cls)] if int(cls) < len(self.names) else str(int(cls)),
+                    "class_name": self.label(int(cls)),
                 }
                 for box, score, cls in zip(self.boxes, self.scores, self.class_ids, strict=True)
             ],
@@ -147,7 +151,7 @@ def draw(image_rgb: np.ndarray, prediction: Prediction) -> np.ndarray:
         colour = _class_colour(int(cls))
         x1, y1, x2, y2 = (round(float(v)) for v in box)
         cv2.rectangle(canvas, (x1, y1), (x2, y2), colour, thickness)
-        label = f"{prediction.names[int(cls)]} {score:.2f}"
+        label = f"{prediction.label(int(cls))} {score:.2f}"
         (tw, th), baseline = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, 0.4 * thickness, thickness)
         top = max(y1 - th - baseline, 0)
         cv2.rectangle(canvas, (x1, top), (x1 + tw, top + th + baseline), colour, -1)

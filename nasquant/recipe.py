@@ -44,8 +44,8 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from nasquant.artifacts import MAX_INPUT_SIZE, MAX_OPSET, MAX_STRIDE, MIN_OPSET
 from nasquant.errors import NasquantError
-from nasquant.formats import MAX_INPUT_SIZE, MAX_OPSET, MAX_STRIDE, MIN_OPSET
 from nasquant.io import atomic_path
 from nasquant.safe_yaml import load_yaml
 

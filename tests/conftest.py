@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from nasquant import NAS
+from nasquant.artifacts import KEY_FLAVOR
 from nasquant.data.calibration import select_calibration_images
 from nasquant.data.datasets import iter_batches, load_dataset
-from nasquant.export import KEY_FLAVOR, export_onnx, write_cpu_flavor
+from nasquant.export import export_onnx, write_cpu_flavor
 from tests.shared import shared_path
 
 

@@ -93,7 +93,7 @@ def test_input_size_must_be_a_multiple_of_the_largest_stride(nas: NAS) -> None:
 
 
 def test_export_writes_fp32_onnx_with_the_models_metadata(nas: NAS, tmp_path: Path) -> None:
-    from nasquant.export import read_metadata
+    from nasquant.artifacts import read_metadata
     from nasquant.runtime import OnnxRuntimeBackend
 
     path = nas.export(tmp_path / "fixture.onnx", simplify=False)
@@ -105,3 +105,62 @@ def test_export_writes_fp32_onnx_with_the_models_metadata(nas: NAS, tmp_path: Pa
     boxes, _ = backend.run(images)
     np.testing.assert_allclose(boxes, nas.backend("cpu").run(images)[0], atol=1e-3)
     assert not nas.model.is_fused, "export fuses a copy; the facade's module is left as loaded"
+
+
+# --- an exported file is a model too --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def int8_cpu_onnx(calibrated: torch.nn.Module, nas: NAS, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run folder's CPU-flavour INT8 graph, with the metadata the pipeline writes into it."""
+    from nasquant.artifacts import KEY_FLAVOR
+    from nasquant.export import export_onnx, write_cpu_flavor
+
+    folder = tmp_path_factory.mktemp("run")
+    trt = export_onnx(
+        calibrated,
+        folder / "model.int8.trt.onnx",
+        imgsz=nas.imgsz,
+        metadata={**nas.onnx_metadata(), KEY_FLAVOR: "trt"},
+    )
+    return write_cpu_flavor(trt, folder / "model.int8.cpu.onnx")
+
+
+def test_an_exported_int8_graph_opens_reads_itself_and_predicts(nas: NAS, int8_cpu_onnx: Path) -> None:
+    exported = NAS(int8_cpu_onnx)
+    assert (exported.names, exported.imgsz, exported.variant) == (nas.names, nas.imgsz, nas.variant)
+    assert exported.preprocessing() == nas.preprocessing()
+    info = exported.info()
+    assert (info["format"], info["precision"], info["flavor"], info["num_classes"]) == (
+        "onnx",
+        "int8",
+        "cpu",
+        6,
+    )
+    image = sorted(shared_path("data", "shapes", "val", "images").glob("*.jpg"))[3]
+    (int8,), (fp32,) = exported(image), nas(image)
+    assert len(int8) and int8.class_ids[0] == fp32.class_ids[0]
+    corner_gap = np.abs(int8.boxes[0] - fp32.boxes[0]).max()
+    assert corner_gap < 0.05 * max(fp32.height, fp32.width), "the INT8 graph finds the same top shape"
+    assert repr(exported) == "NAS(yolo_nas_s, 6 classes, model.int8.cpu.onnx)"
+
+
+def test_an_exported_file_refuses_what_needs_a_checkpoint(int8_cpu_onnx: Path, tmp_path: Path) -> None:
+    exported = NAS(int8_cpu_onnx)
+    needs_checkpoint = "is an exported file: export and quantization need the checkpoint it came from"
+    with pytest.raises(NasquantError, match=needs_checkpoint):
+        exported.export(tmp_path / "again.onnx")
+    with pytest.raises(NasquantError, match=needs_checkpoint):
+        exported.model  # noqa: B018 - the property is the check
+    with pytest.raises(NasquantError, match="runs at its own precision"):
+        exported.backend(precision="fp16")
+    with pytest.raises(NasquantError, match="holds yolo_nas_s, not yolo_nas_m"):
+        NAS(int8_cpu_onnx, variant="yolo_nas_m")
+    with pytest.raises(NasquantError, match="has 6 classes, not 80"):
+        NAS(int8_cpu_onnx, num_classes=80)
+    with pytest.raises(NasquantError, match="does not match the expected"):
+        NAS(int8_cpu_onnx, sha256="0" * 64)
+    with pytest.raises(NasquantError, match="no such file"):
+        NAS(tmp_path / "absent.onnx")
+    with pytest.raises(NasquantError, match="takes 320px inputs, not 640"):
+        exported.preprocessing(imgsz=640)

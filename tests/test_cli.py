@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from nasquant.cli import main
 from tests.shared import shared_path
@@ -198,3 +199,32 @@ def test_an_error_line_follows_a_bar_whose_owner_never_closed_it(monkeypatch, ca
     err = capsys.readouterr().err
     assert "bench torch" in err
     assert [line for line in err.splitlines() if "nasquant" in line] == ["nasquant: terminated"]
+
+
+def test_predict_info_and_bench_take_a_runs_int8_graph(
+    shapes_pt: Path, calibrated: torch.nn.Module, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from nasquant import NAS
+    from nasquant.artifacts import KEY_FLAVOR
+    from nasquant.export import export_onnx, write_cpu_flavor
+
+    metadata = {**NAS(shapes_pt).onnx_metadata(), KEY_FLAVOR: "trt"}
+    trt = export_onnx(calibrated, tmp_path / "model.int8.trt.onnx", imgsz=320, metadata=metadata)
+    model = str(write_cpu_flavor(trt, tmp_path / "model.int8.cpu.onnx"))
+    image = sorted(shared_path("data", "shapes", "val", "images").glob("*.jpg"))[0]
+    out = tmp_path / "pred"
+    assert main(["predict", "--model", model, "--source", str(image), "--out", str(out)]) == 0
+    detections = json.loads((out / "predictions.json").read_text())[0]["detections"]
+    assert detections and detections[0]["class_name"] in {
+        "circle",
+        "square",
+        "triangle",
+        "star",
+        "cross",
+        "ring",
+    }
+    assert main(["info", "--model", model]) == 0
+    printed = capsys.readouterr().out
+    assert "int8 (cpu flavour)" in printed and "320" in printed
+    assert main(["bench", "--model", model, "--warmup", "1", "--iterations", "2", "--threads", "1"]) == 0
+    assert "onnxruntime int8 on cpu, 320px batch 1" in capsys.readouterr().out

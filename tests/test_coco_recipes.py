@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from nasquant.artifacts import CALIBRATION_LIST_NAME, TIMINGS_NAME
 from nasquant.cli import main
 from nasquant.cuda import tensorrt_unavailable
 from nasquant.data.calibration import read_image_list
-from nasquant.formats import CALIBRATION_LIST_NAME, TIMINGS_NAME
 from tests.checkpoints import write_sg_checkpoint
 from tests.shared import shared_path
 

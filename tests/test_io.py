@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 
 from nasquant.errors import NasquantError
-from nasquant.formats import LOCK_NAME
-from nasquant.io import atomic_path, remove_stale_parts, run_lock, write_json
+from nasquant.io import LOCK_NAME, atomic_path, remove_stale_parts, run_lock, write_json
 
 
 def test_atomic_path_publishes_only_complete_files(tmp_path: Path) -> None:

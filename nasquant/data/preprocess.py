@@ -14,8 +14,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from nasquant.artifacts import MAX_INPUT_SIZE, MAX_STRIDE
 from nasquant.errors import NasquantError
-from nasquant.formats import MAX_INPUT_SIZE, MAX_STRIDE
 
 PROTOCOLS = ("sg", "letterbox")
 ROUNDINGS = ("floor", "round")

@@ -1,23 +1,8 @@
-"""ONNX export: FP32 and INT8 (ModelOpt Q/DQ) graphs, metadata, and the two INT8 flavours."""
+"""ONNX export: FP32 and INT8 (ModelOpt Q/DQ) graphs and the two INT8 flavours. The metadata keys and
+I/O names they carry are the artifact contract, in :mod:`nasquant.artifacts`."""
 
-from nasquant.export.onnx import (
-    KEY_FLAVOR,
-    KEY_FP_LAYERS,
-    KEY_INPUT_SIZE,
-    KEY_NAMES,
-    KEY_PRECISION,
-    KEY_PREPROCESS,
-    KEY_PROTOCOL,
-    KEY_RECIPE_HASH,
-    KEY_STRIDE,
-    KEY_VARIANT,
-    KEY_VERSION,
-    export_onnx,
-    load_onnx,
-    read_metadata,
-    save_onnx,
-    set_metadata,
-)
+from nasquant.export.onnx import export_onnx
+from nasquant.export.onnx_files import load_onnx, save_onnx, set_metadata
 from nasquant.export.qdq import (
     count_qdq,
     drop_requantization,
@@ -32,17 +17,6 @@ from nasquant.export.qdq import (
 )
 
 __all__ = [
-    "KEY_FLAVOR",
-    "KEY_FP_LAYERS",
-    "KEY_INPUT_SIZE",
-    "KEY_NAMES",
-    "KEY_PRECISION",
-    "KEY_PREPROCESS",
-    "KEY_PROTOCOL",
-    "KEY_RECIPE_HASH",
-    "KEY_STRIDE",
-    "KEY_VARIANT",
-    "KEY_VERSION",
     "count_qdq",
     "export_onnx",
     "load_onnx",
@@ -51,7 +25,6 @@ __all__ = [
     "fold_scalar_multipliers",
     "pixel_shuffle_upsampling",
     "quantize_outputs",
-    "read_metadata",
     "save_onnx",
     "set_metadata",
     "space_to_depth_input_convs",

@@ -3,7 +3,8 @@
 The graph takes ``images`` (N, 3, H, W) float32 in [0, 1] and returns ``boxes`` (N, A, 4) xyxy input
 pixels and ``scores`` (N, A, C), the same contract as :class:`nasquant.runtime.Backend`. nasquant's
 facts about the artifact (class names, input size, precision, ...) travel in the file's
-``metadata_props`` under the ``nasquant.*`` keys below, so any runtime can read them back.
+``metadata_props`` under the ``nasquant.*`` keys of :mod:`nasquant.artifacts`, so any runtime can read
+them back.
 """
 
 from __future__ import annotations
@@ -16,40 +17,23 @@ from pathlib import Path
 
 import onnx
 import torch
-from google.protobuf.message import DecodeError
 
-from nasquant import __version__
+from nasquant._version import __version__
+from nasquant.artifacts import (
+    BATCH_AXIS,
+    INPUT_NAME,
+    KEY_INPUT_SIZE,
+    KEY_PRECISION,
+    KEY_VERSION,
+    MAX_OPSET,
+    MIN_OPSET,
+    OUTPUT_NAMES,
+)
 from nasquant.data.preprocess import check_input_size
 from nasquant.errors import NasquantError
-from nasquant.formats import MAX_OPSET, MIN_OPSET
+from nasquant.export.onnx_files import check_metadata, write_checked
+from nasquant.export.qdq import count_qdq
 from nasquant.io import atomic_path
-
-#: JSON list of class names, index = class id
-KEY_NAMES = "nasquant.names"
-#: variant name, e.g. ``yolo_nas_s``
-KEY_VARIANT = "nasquant.variant"
-#: the graph's (square) input side in pixels
-KEY_INPUT_SIZE = "nasquant.input_size"
-#: preprocessing protocol name (``sg`` / ``letterbox``)
-KEY_PROTOCOL = "nasquant.protocol"
-#: JSON of the full preprocessing spec (resize, pad value, rounding)
-KEY_PREPROCESS = "nasquant.preprocess"
-#: largest network stride: input sides must be multiples of it
-KEY_STRIDE = "nasquant.stride"
-#: hash of the recipe sections that produced the artifact
-KEY_RECIPE_HASH = "nasquant.recipe_hash"
-#: nasquant version that wrote the file
-KEY_VERSION = "nasquant.version"
-#: ``fp32`` or ``int8``
-KEY_PRECISION = "nasquant.precision"
-#: INT8 flavour: ``trt`` (signed activations) or ``cpu`` (unsigned activations); empty for FP32
-KEY_FLAVOR = "nasquant.flavor"
-#: JSON list of the layers kept in floating point in an INT8 graph
-KEY_FP_LAYERS = "nasquant.fp_layers"
-
-INPUT_NAME = "images"
-OUTPUT_NAMES = ("boxes", "scores")
-BATCH_AXIS = "batch"
 
 
 def export_onnx(
@@ -78,7 +62,7 @@ def export_onnx(
     check_input_size(imgsz, "export input size")
     if batch < 1:
         raise NasquantError(f"export batch size must be at least 1, got {batch}")
-    _check_metadata(metadata or {})  # fail before tracing, not after
+    check_metadata(metadata or {})  # fail before tracing, not after
     path = Path(path)
     with atomic_path(path) as tmp:
         _trace_to_file(model, tmp, imgsz=imgsz, batch=batch, dynamic_batch=dynamic_batch, opset=opset)
@@ -93,62 +77,8 @@ def export_onnx(
             # benchmarking at another size than validation).
             KEY_INPUT_SIZE: str(imgsz),
         }
-        _write_checked(graph, tmp, facts)
+        write_checked(graph, tmp, facts)
     return path
-
-
-def save_onnx(
-    model: onnx.ModelProto, path: str | os.PathLike, *, metadata: Mapping[str, str] | None = None
-) -> Path:
-    """Check ``model`` (after merging ``metadata`` into its metadata_props) and write it atomically."""
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        _write_checked(model, tmp, metadata or {})
-    return path
-
-
-def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:
-    """Load an ONNX file; a missing or unparsable file is a one-line :class:`NasquantError`."""
-    path = Path(path)
-    if not path.is_file():
-        raise NasquantError(f"ONNX model not found: {path}")
-    try:
-        model = onnx.load(str(path))
-    # not an ONNX protobuf (truncated, or another format); external data missing, or outside the
-    # model's folder (onnx refuses to read such paths)
-    except (DecodeError, onnx.checker.ValidationError, OSError) as exc:
-        raise NasquantError(f"cannot read ONNX model {path}: {_first_line(exc)}") from None
-    if not model.graph.node:
-        raise NasquantError(f"cannot read ONNX model {path}: it holds no graph (an empty or foreign file?)")
-    return model
-
-
-def read_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The ``metadata_props`` of an ONNX file as a dict (all keys, nasquant's and others')."""
-    return {prop.key: prop.value for prop in load_onnx(path).metadata_props}
-
-
-def set_metadata(model: onnx.ModelProto, metadata: Mapping[str, str]) -> None:
-    """Merge ``metadata`` into ``model.metadata_props`` in place: given keys replace existing ones."""
-    _check_metadata(metadata)
-    merged = {prop.key: prop.value for prop in model.metadata_props}
-    merged.update(metadata)
-    del model.metadata_props[:]
-    for key, value in merged.items():
-        model.metadata_props.add(key=key, value=value)
-
-
-def _check_metadata(metadata: Mapping[str, str]) -> None:
-    for key, value in metadata.items():
-        if not isinstance(key, str) or not isinstance(value, str):
-            raise TypeError(f"ONNX metadata keys and values must be str, got {key!r}: {value!r}")
-
-
-def _write_checked(model: onnx.ModelProto, target: Path, metadata: Mapping[str, str]) -> None:
-    set_metadata(model, metadata)
-    # full_check adds strict shape/type inference: a mistyped Q/DQ rewrite fails here, not in a runtime.
-    onnx.checker.check_model(model, full_check=True)
-    onnx.save(model, str(target))
 
 
 @contextmanager
@@ -196,8 +126,6 @@ def _simplify(model: onnx.ModelProto) -> onnx.ModelProto:
         import onnxslim
     except ImportError as exc:
         raise NasquantError("graph simplification needs onnxslim: pip install onnxslim") from exc
-    from nasquant.export.qdq import count_qdq
-
     before = count_qdq(model)
     # Common-subexpression elimination merges the separate quantizers ModelOpt puts on each consumer
     # of a shared tensor; equal numerics, but the Q/DQ placement TensorRT sees must stay ModelOpt's.
@@ -212,8 +140,3 @@ def _simplify(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def _has_op(model: onnx.ModelProto, op_type: str) -> bool:
     return any(node.op_type == op_type for node in model.graph.node)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -46,8 +46,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
+from nasquant.artifacts import KEY_FLAVOR
 from nasquant.errors import NasquantError
-from nasquant.export.onnx import KEY_FLAVOR, load_onnx, save_onnx
+from nasquant.export.onnx_files import load_onnx, save_onnx
 
 UINT8_SHIFT = 128
 

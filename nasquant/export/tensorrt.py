@@ -29,18 +29,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from nasquant import __version__
-from nasquant.cuda import INSTALL_HINT, CudaRuntime, import_tensorrt
-from nasquant.errors import NasquantError
-from nasquant.export.onnx import (
+from nasquant._version import __version__
+from nasquant.artifacts import (
     INPUT_NAME,
     KEY_INPUT_SIZE,
     KEY_NAMES,
     KEY_PREPROCESS,
     KEY_PROTOCOL,
+    EngineSidecar,
+    TensorSpec,
+    file_sha256,
     read_metadata,
 )
-from nasquant.export.sidecar import EngineSidecar, TensorSpec, file_sha256
+from nasquant.cuda import INSTALL_HINT, CudaRuntime, import_tensorrt
+from nasquant.errors import NasquantError
 from nasquant.io import atomic_path
 
 Precision = Literal["fp32", "fp16", "int8"]
@@ -158,7 +160,8 @@ class EngineSource:
 
     @classmethod
     def inspect(cls, onnx_path: str | os.PathLike) -> EngineSource:
-        from nasquant.export.onnx import KEY_FLAVOR, KEY_PRECISION, load_onnx
+        from nasquant.artifacts import KEY_FLAVOR, KEY_PRECISION
+        from nasquant.export.onnx_files import load_onnx
 
         path = Path(onnx_path)
         model = load_onnx(path)

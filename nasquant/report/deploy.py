@@ -12,9 +12,9 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
+from nasquant.artifacts import INPUT_NAME, OUTPUT_NAMES
 from nasquant.data.preprocess import Preprocess
 from nasquant.eval.postprocess import NMSSettings
-from nasquant.export.onnx import INPUT_NAME, OUTPUT_NAMES
 from nasquant.export.tensorrt import (
     EngineSettings,
     autocast_command,

@@ -3,8 +3,8 @@
 import os
 from pathlib import Path
 
+from nasquant.artifacts import ENGINE_SUFFIXES
 from nasquant.errors import NasquantError
-from nasquant.formats import ENGINE_SUFFIXES
 from nasquant.runtime.base import Backend, parse_device
 from nasquant.runtime.torch_backend import TorchBackend, resolve_device
 

@@ -20,8 +20,8 @@ from onnxruntime.capi.onnxruntime_pybind11_state import (
 )
 from onnxruntime.capi.onnxruntime_pybind11_state import NotImplemented as OrtNotImplemented
 
-from nasquant.errors import NasquantError
-from nasquant.export.onnx import KEY_PRECISION, OUTPUT_NAMES
+from nasquant.artifacts import KEY_PRECISION, OUTPUT_NAMES
+from nasquant.errors import NasquantError, first_line
 from nasquant.runtime.base import Backend, parse_device
 
 OPTIMIZATION_LEVELS = {
@@ -162,8 +162,7 @@ def _session(path: Path, providers: list, options: ort.SessionOptions) -> ort.In
         OrtNotImplemented,
         Fail,
     ) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise NasquantError(f"cannot load ONNX model {path}: {first}") from exc
+        raise NasquantError(f"cannot load ONNX model {path}: {first_line(exc)}") from exc
 
 
 def _graph_precision(path: Path) -> str:

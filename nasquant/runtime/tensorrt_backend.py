@@ -19,10 +19,9 @@ from typing import Any
 
 import numpy as np
 
+from nasquant.artifacts import INPUT_NAME, OUTPUT_NAMES, EngineSidecar
 from nasquant.cuda import CudaRuntime, import_tensorrt
 from nasquant.errors import NasquantError
-from nasquant.export.onnx import INPUT_NAME, OUTPUT_NAMES
-from nasquant.export.sidecar import EngineSidecar
 from nasquant.runtime.base import Backend
 
 

@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from nasquant.artifacts import MAX_INPUT_SIZE
 from nasquant.checks import quoted
 from nasquant.errors import NasquantError
-from nasquant.formats import MAX_INPUT_SIZE
 from nasquant.models.yolo_nas import VARIANTS, normalize_variant
 from nasquant.weights.hub import file_sha256, resolve_source
 from nasquant.weights.safe_pickle import (

@@ -27,6 +27,9 @@ class CountingBackend(Backend):
         self.shapes.append(images.shape)
         return self.inner.run(images)
 
+    def _release(self) -> None:
+        self.inner.close()
+
 
 @pytest.fixture(scope="module")
 def backend() -> TorchBackend:

@@ -12,10 +12,18 @@ import torch
 
 import nasquant.export.onnx as export_module
 from nasquant import NAS, __version__
+from nasquant.artifacts import (
+    KEY_INPUT_SIZE,
+    KEY_NAMES,
+    KEY_PRECISION,
+    KEY_VERSION,
+    MAX_OPSET,
+    MIN_OPSET,
+    read_metadata,
+)
 from nasquant.data.preprocess import preprocess, read_image
 from nasquant.errors import NasquantError
-from nasquant.export import KEY_INPUT_SIZE, KEY_NAMES, KEY_PRECISION, KEY_VERSION, export_onnx, read_metadata
-from nasquant.formats import MAX_OPSET, MIN_OPSET
+from nasquant.export import export_onnx
 from nasquant.runtime import OnnxRuntimeBackend
 from tests.shared import shared_path
 

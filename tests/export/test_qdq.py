@@ -12,12 +12,11 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from nasquant import NAS
+from nasquant.artifacts import KEY_FLAVOR, KEY_PRECISION, read_metadata
 from nasquant.data.preprocess import preprocess, read_image
 from nasquant.errors import NasquantError
 from nasquant.eval.postprocess import Detections, postprocess
 from nasquant.export import (
-    KEY_FLAVOR,
-    KEY_PRECISION,
     count_qdq,
     drop_requantization,
     export_onnx,
@@ -25,7 +24,6 @@ from nasquant.export import (
     fold_scalar_multipliers,
     pixel_shuffle_upsampling,
     quantize_outputs,
-    read_metadata,
     space_to_depth_input_convs,
     to_uint8_activations,
     write_cpu_flavor,

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from nasquant.artifacts import EngineSidecar, TensorSpec, file_sha256, sidecar_path
 from nasquant.errors import NasquantError
-from nasquant.export.sidecar import EngineSidecar, TensorSpec, file_sha256, sidecar_path
 
 
 @pytest.fixture

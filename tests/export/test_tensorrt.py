@@ -13,11 +13,11 @@ import pytest
 from onnx import TensorProto
 
 from nasquant import NAS
+from nasquant.artifacts import KEY_NAMES, read_metadata
 from nasquant.cuda import tensorrt_unavailable
 from nasquant.data.preprocess import preprocess, read_image
 from nasquant.errors import NasquantError
 from nasquant.export import count_qdq
-from nasquant.export.onnx import KEY_NAMES, read_metadata
 from nasquant.export.tensorrt import (
     EngineSettings,
     EngineSource,

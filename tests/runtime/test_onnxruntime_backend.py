@@ -13,8 +13,9 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from nasquant import NAS
+from nasquant.artifacts import KEY_NAMES
 from nasquant.errors import NasquantError
-from nasquant.export import KEY_NAMES, export_onnx
+from nasquant.export import export_onnx
 from nasquant.runtime import Backend, OnnxRuntimeBackend, optimized_op_types
 from tests.crafted import onnx_model
 from tests.shared import shared_path

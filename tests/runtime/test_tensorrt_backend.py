@@ -13,14 +13,14 @@ import pytest
 import torch
 
 from nasquant import NAS
+from nasquant.artifacts import KEY_FLAVOR, EngineSidecar, file_sha256, sidecar_path
 from nasquant.bench import benchmark_model
 from nasquant.cuda import tensorrt_unavailable
 from nasquant.data.datasets import load_dataset
 from nasquant.data.preprocess import preprocess, read_image
 from nasquant.errors import NasquantError
 from nasquant.eval.validate import validate
-from nasquant.export import KEY_FLAVOR, export_onnx
-from nasquant.export.sidecar import EngineSidecar, file_sha256, sidecar_path
+from nasquant.export import export_onnx
 from nasquant.export.tensorrt import EngineSettings, EngineSource, build_engine
 from nasquant.runtime import OnnxRuntimeBackend, open_backend
 from nasquant.runtime.tensorrt_backend import TensorRTBackend

@@ -17,10 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from nasquant.artifacts import INPUT_NAME, OUTPUT_NAMES, EngineSidecar, file_sha256
 from nasquant.cuda import CudaRuntime
 from nasquant.errors import NasquantError
-from nasquant.export.onnx import INPUT_NAME, OUTPUT_NAMES
-from nasquant.export.sidecar import EngineSidecar, file_sha256
 from nasquant.runtime import tensorrt_backend
 from nasquant.runtime.tensorrt_backend import TensorRTBackend, _Buffer
 

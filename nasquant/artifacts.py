@@ -1,10 +1,16 @@
-"""The JSON file beside every TensorRT engine (``model.engine.json``).
+"""The artifact contract: what nasquant's producers write and its consumers read, on the ground floor.
 
-A serialized engine only runs on the TensorRT version and, unless built hardware-compatible, the GPU
-architecture that built it; TensorRT's own error for a mismatch is a deserialization failure deep in
-a log. The sidecar records what the engine needs and what it contains (I/O contract, classes,
-preprocessing, the ONNX it came from), so a runner can say in one line why an engine cannot run here
-before it tries, and a C++ consumer can read the contract without nasquant.
+File suffixes and run-folder names, the metadata keys every exported graph carries, the graph's input
+and output names, and the engine sidecar's schema (``model.engine.json``): the exporter and the engine
+builder write them; the runtime backends, the facade, the report and the deploy guide read them. Nothing
+here imports torch, OpenCV or ONNX at import time, so the CLI and the recipe reader load it cheaply;
+:func:`read_metadata` imports ``onnx`` when called.
+
+The sidecar exists because a serialized engine only runs on the TensorRT version and, unless built
+hardware-compatible, the GPU architecture that built it; TensorRT's own error for a mismatch is a
+deserialization failure deep in a log. The sidecar records what the engine needs and contains (I/O
+contract, classes, preprocessing, the ONNX it came from), so a runner says in one line why an engine
+cannot run here before it tries, and a C++ consumer reads the contract without nasquant.
 """
 
 from __future__ import annotations
@@ -16,8 +22,89 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from nasquant.errors import NasquantError
+from nasquant.errors import NasquantError, first_line
 from nasquant.io import write_json
+
+# --- files -----------------------------------------------------------------------------------------
+
+#: an exported ONNX graph, run by ONNX Runtime
+ONNX_SUFFIX = ".onnx"
+#: a serialized TensorRT engine, run by TensorRT
+ENGINE_SUFFIXES = (".engine", ".plan")
+#: every exported file a backend (not a checkpoint loader) opens
+EXPORTED_SUFFIXES = (ONNX_SUFFIX, *ENGINE_SUFFIXES)
+
+#: In a run folder: the calibration images' file names, one per line (a ``calibration.image_list``).
+CALIBRATION_LIST_NAME = "calibration_images.txt"
+#: In a run folder: each stage's wall time, ``{"stages": [{"stage", "summary", "seconds", "reused"}]}``.
+TIMINGS_NAME = "timings.json"
+
+#: Input side when neither the user nor the checkpoint says (Deci's COCO models are 640).
+DEFAULT_IMGSZ = 640
+#: The neck joins stride-8/16/32 maps by 2x up/down-sampling: input sides must divide by 32.
+MAX_STRIDE = 32
+#: Largest input side nasquant accepts: 4x the usual 1280 of high-resolution detection. One float32
+#: 8192^2 image is 805 MB; a larger side only ever comes from a typo or a crafted file.
+MAX_INPUT_SIZE = 8192
+
+#: QuantizeLinear/DequantizeLinear with a per-channel ``axis`` exist from opset 13 on.
+MIN_OPSET = 13
+#: The highest opset torch's TorchScript ONNX exporter writes (``torch.onnx._constants``; a test
+#: checks it against the installed torch). ModelOpt's Q/DQ symbolics exist only in that exporter.
+MAX_OPSET = 20
+
+
+# --- exported graphs -------------------------------------------------------------------------------
+
+#: JSON list of class names, index = class id
+KEY_NAMES = "nasquant.names"
+#: variant name, e.g. ``yolo_nas_s``
+KEY_VARIANT = "nasquant.variant"
+#: the graph's (square) input side in pixels
+KEY_INPUT_SIZE = "nasquant.input_size"
+#: preprocessing protocol name (``sg`` / ``letterbox``)
+KEY_PROTOCOL = "nasquant.protocol"
+#: JSON of the full preprocessing spec (resize, pad value, rounding)
+KEY_PREPROCESS = "nasquant.preprocess"
+#: largest network stride: input sides must be multiples of it
+KEY_STRIDE = "nasquant.stride"
+#: hash of the recipe sections that produced the artifact
+KEY_RECIPE_HASH = "nasquant.recipe_hash"
+#: nasquant version that wrote the file
+KEY_VERSION = "nasquant.version"
+#: ``fp32`` or ``int8``
+KEY_PRECISION = "nasquant.precision"
+#: INT8 flavour: ``trt`` (signed activations) or ``cpu`` (unsigned activations); empty for FP32
+KEY_FLAVOR = "nasquant.flavor"
+#: JSON list of the layers kept in floating point in an INT8 graph
+KEY_FP_LAYERS = "nasquant.fp_layers"
+
+INPUT_NAME = "images"
+OUTPUT_NAMES = ("boxes", "scores")
+BATCH_AXIS = "batch"
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """What an exported file records about itself: an ONNX graph's ``metadata_props`` (every key,
+    nasquant's and others'), or for an engine the metadata of the ONNX it was built from (its sidecar)."""
+    path = Path(path)
+    if path.suffix.lower() in ENGINE_SUFFIXES:
+        return dict(EngineSidecar.read(path).onnx_metadata)
+    if not path.is_file():
+        raise NasquantError(f"ONNX model not found: {path}")
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, OSError) as exc:
+        raise NasquantError(f"cannot read ONNX model {path}: {first_line(exc)}") from None
+    if not model.graph.node:
+        raise NasquantError(f"cannot read ONNX model {path}: it holds no graph (an empty or foreign file?)")
+    return {prop.key: prop.value for prop in model.metadata_props}
+
+
+# --- engine sidecars -------------------------------------------------------------------------------
 
 SIDECAR_SUFFIX = ".json"
 #: compute capability at and above which an ``ampere_plus`` engine runs (NVIDIA Ampere is 8.0)
