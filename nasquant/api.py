@@ -36,11 +36,11 @@ from nasquant.data.datasets import load_dataset
 from nasquant.data.preprocess import Preprocess, check_input_size
 from nasquant.data.sources import image_files
 from nasquant.errors import NasquantError
-from nasquant.eval.postprocess import NMSSettings
 from nasquant.eval.validate import validate
 from nasquant.models import YoloNAS, yolo_nas
-from nasquant.predict import PREDICT_NMS, Prediction, predict
+from nasquant.predict import Prediction, predict
 from nasquant.runtime import Backend, TorchBackend, open_backend
+from nasquant.settings import PREDICT_NMS, VAL_NMS, NMSSettings
 from nasquant.weights import Checkpoint, load_checkpoint
 
 
@@ -291,10 +291,10 @@ class NAS:
         protocol: str | None = None,
         batch: int = 8,
         *,
-        conf: float = 0.01,
-        iou: float = 0.7,
-        top_k: int = 1000,
-        max_det: int = 300,
+        conf: float = VAL_NMS.conf,
+        iou: float = VAL_NMS.iou,
+        top_k: int = VAL_NMS.top_k,
+        max_det: int = VAL_NMS.max_det,
         device: str | None = None,
         progress: bool = True,
     ) -> dict:

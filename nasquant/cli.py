@@ -26,6 +26,7 @@ from nasquant.recipe import (
     ValidationSection,
     check_value,
 )
+from nasquant.settings import PREDICT_NMS, VAL_NMS, NMSSettings
 
 
 class _Parser(argparse.ArgumentParser):
@@ -70,6 +71,33 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when present)")
 
 
+def _add_nms_arguments(
+    parser: argparse.ArgumentParser, defaults: NMSSettings, *, conf_note: str = "", top_k: bool = True
+) -> None:
+    parser.add_argument(
+        "--conf",
+        type=_CONF,
+        default=defaults.conf,
+        help=f"score threshold (default {defaults.conf}{conf_note})",
+    )
+    parser.add_argument(
+        "--iou", type=_IOU, default=defaults.iou, help=f"NMS IoU threshold (default {defaults.iou})"
+    )
+    if top_k:
+        parser.add_argument(
+            "--top-k",
+            type=_TOP_K,
+            default=defaults.top_k,
+            help=f"candidates kept before NMS (default {defaults.top_k})",
+        )
+    parser.add_argument(
+        "--max-det",
+        type=_MAX_DET,
+        default=defaults.max_det,
+        help=f"detections kept per image (default {defaults.max_det})",
+    )
+
+
 def _add_preprocess_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--imgsz", type=_SIZE, default=None, help="square input size (default: the model's own, else 640)"
@@ -107,10 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument(
         "--batch", type=_checked(ValidationSection, "batch_size"), default=8, help="batch size (default 8)"
     )
-    val.add_argument("--conf", type=_CONF, default=0.01, help="score threshold (default 0.01, Deci's)")
-    val.add_argument("--iou", type=_IOU, default=0.7, help="NMS IoU threshold (default 0.7)")
-    val.add_argument("--top-k", type=_TOP_K, default=1000, help="candidates kept before NMS (default 1000)")
-    val.add_argument("--max-det", type=_MAX_DET, default=300, help="detections kept per image (default 300)")
+    _add_nms_arguments(val, VAL_NMS, conf_note=", Deci's")
     val.add_argument("--json", metavar="PATH", help="write the metrics dict as JSON")
 
     predict = commands.add_parser("predict", help="detect objects; writes annotated images and a JSON")
@@ -118,11 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--source", required=True, help="image file, folder or glob pattern")
     predict.add_argument("--out", default="runs/predict", help="output folder (default runs/predict)")
     _add_preprocess_arguments(predict)
-    predict.add_argument("--conf", type=_CONF, default=0.25, help="score threshold (default 0.25)")
-    predict.add_argument("--iou", type=_IOU, default=0.7, help="NMS IoU threshold (default 0.7)")
-    predict.add_argument(
-        "--max-det", type=_MAX_DET, default=300, help="detections kept per image (default 300)"
-    )
+    _add_nms_arguments(predict, PREDICT_NMS, top_k=False)
 
     quantize = commands.add_parser(
         "quantize", help="recipe → calibrated INT8 + FP32 ONNX, validated, benchmarked, report"
@@ -431,18 +452,18 @@ def _cmd_engine(args: argparse.Namespace) -> int:
     source = EngineSource.inspect(args.model)
     precision = args.precision or ("int8" if source.precision == "int8" else "fp16")
     source.check_precision(precision)
-    settings = EngineSettings(
-        precision=precision,
+    engines = EnginesSection(
         workspace_mb=args.workspace_mb,
         optimization_level=args.opt_level,
-        profile=source.profile(args.min_batch, args.opt_batch, args.max_batch),
-        timing_cache=Path(args.timing_cache) if args.timing_cache else None,
+        timing_cache=args.timing_cache,
         typing=args.typing,
         dla_core=args.dla_core,
         gpu_fallback=not args.no_gpu_fallback,
         hardware_compatibility=args.hardware_compatibility,
         verbose=args.verbose,
     )
+    profile = source.profile(args.min_batch, args.opt_batch, args.max_batch)
+    settings = EngineSettings(precision, profile, engines)
     output = Path(args.output) if args.output else default_engine_path(source.path, precision)
     if args.engine_command == "command":
         if build_plan(settings, tensorrt_version=args.tensorrt_version).autocast_fp16:

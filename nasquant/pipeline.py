@@ -34,7 +34,6 @@ from nasquant.data.calibration import check_no_overlap, select_calibration_image
 from nasquant.data.datasets import DetectionDataset, iter_batches, load_dataset
 from nasquant.data.preprocess import Preprocess, read_image
 from nasquant.errors import NasquantError
-from nasquant.eval.postprocess import NMSSettings
 from nasquant.eval.validate import validate
 from nasquant.export import export_onnx, write_cpu_flavor
 from nasquant.export.tensorrt import (
@@ -53,6 +52,7 @@ from nasquant.report.deploy import DEPLOY_MD, render_deploy_guide, write_deploy_
 from nasquant.report.files import REPORT_JSON, REPORT_MD, REPORT_PNG
 from nasquant.report.sensitivity import SENSITIVITY_JSON, write_sensitivity
 from nasquant.runtime import Backend, TorchBackend, open_backend
+from nasquant.settings import NMSSettings
 
 Log = Callable[[str], None]
 
@@ -253,12 +253,7 @@ class QuantizePipeline:
 
         validation = load_dataset(recipe.resolve_path(recipe.validation.data), kind=recipe.validation.format)
         val_subset = validation.first(recipe.validation.max_images)
-        nms = NMSSettings(
-            conf=recipe.validation.conf,
-            iou=recipe.validation.iou,
-            top_k=recipe.validation.top_k,
-            max_det=recipe.validation.max_det,
-        )
+        nms = recipe.validation.nms
         return nas, spec, model_key, validation, val_subset, nms
 
     def _calibration_images(self, validation: DetectionDataset) -> DetectionDataset:

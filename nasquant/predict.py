@@ -13,12 +13,10 @@ from tqdm import tqdm
 
 from nasquant.data.preprocess import Preprocess, preprocess, read_image
 from nasquant.errors import NasquantError
-from nasquant.eval.postprocess import NMSSettings, postprocess
+from nasquant.eval.postprocess import postprocess
 from nasquant.io import atomic_path, write_json
 from nasquant.runtime.base import Backend
-
-#: Interactive defaults (super-gradients' predict): a higher confidence than the 0.01 used for mAP.
-PREDICT_NMS = NMSSettings(conf=0.25, iou=0.7, top_k=1000, max_det=300)
+from nasquant.settings import PREDICT_NMS, NMSSettings
 
 
 @dataclass

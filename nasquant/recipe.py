@@ -48,12 +48,16 @@ from nasquant.artifacts import MAX_INPUT_SIZE, MAX_OPSET, MAX_STRIDE, MIN_OPSET
 from nasquant.errors import NasquantError
 from nasquant.io import atomic_path
 from nasquant.safe_yaml import load_yaml
-
-# The same three names as nasquant.models.VARIANTS, repeated here so that reading a recipe does not
-# import torch (tests check that the two agree).
-Variant = Literal["yolo_nas_s", "yolo_nas_m", "yolo_nas_l"]
-CalibrationMethod = Literal["max", "percentile", "entropy", "mse"]
-Precision = Literal["fp32", "fp16", "int8"]
+from nasquant.settings import (
+    VAL_NMS,
+    CalibrationMethod,
+    HardwareCompatibility,
+    NMSSettings,
+    Precision,
+    Protocol,
+    Typing,
+    Variant,
+)
 
 RESOLVED_NAME = "recipe.resolved.yaml"
 
@@ -209,9 +213,9 @@ class EnginesSection:
     """Jetson DLA core to build for (None = GPU)."""
     gpu_fallback: bool = True
     """With ``dla_core``: run layers the DLA cannot on the GPU instead of failing the build."""
-    hardware_compatibility: Literal["none", "ampere_plus", "same_compute_capability"] = "none"
+    hardware_compatibility: HardwareCompatibility = "none"
     """Let an engine run on GPUs other than the one that built it, at some speed cost."""
-    typing: Literal["auto", "strong", "weak"] = "auto"
+    typing: Typing = "auto"
     """weak: the exported graph + FP16/INT8 builder flags (TensorRT 10 only); strong: the graph made
     FP16 by ModelOpt AutoCast first, precisions exactly as typed (TensorRT 11 has nothing else);
     auto: weak on TensorRT 10, strong from 11."""
@@ -236,20 +240,24 @@ class ValidationSection:
     """COCO json or YOLO data yaml; required to quantize."""
     format: Literal["auto", "coco", "yolo"] = "auto"
     """How to read ``data`` (auto = decide from what it is)."""
-    protocol: Literal["sg", "letterbox"] = "sg"
+    protocol: Protocol = "sg"
     """Preprocessing: sg = Deci's COCO protocol (the published numbers), letterbox = Ultralytics-style."""
-    conf: float = _constrained(0.01, gt=0, le=1)
+    conf: float = _constrained(VAL_NMS.conf, gt=0, le=1)
     """Score threshold per (anchor, class) before NMS; Deci's mAP setting."""
-    iou: float = _constrained(0.7, gt=0, le=1)
+    iou: float = _constrained(VAL_NMS.iou, gt=0, le=1)
     """Class-aware NMS IoU threshold."""
-    top_k: int = _constrained(1000, ge=1)
+    top_k: int = _constrained(VAL_NMS.top_k, ge=1)
     """Candidates kept before NMS."""
-    max_det: int = _constrained(300, ge=1)
+    max_det: int = _constrained(VAL_NMS.max_det, ge=1)
     """Detections kept per image after NMS."""
     batch_size: int = _constrained(8, ge=1)
     """Images per validation forward pass."""
     max_images: int | None = _constrained(None, ge=1)
     """Quick check on the first N images in dataset order (None = all); not comparable to full-set mAP."""
+
+    @property
+    def nms(self) -> NMSSettings:
+        return NMSSettings(conf=self.conf, iou=self.iou, top_k=self.top_k, max_det=self.max_det)
 
 
 @dataclass(frozen=True)

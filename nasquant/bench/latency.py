@@ -21,9 +21,9 @@ from tqdm import tqdm
 
 from nasquant.data.preprocess import Preprocess, preprocess
 from nasquant.errors import NasquantError
-from nasquant.eval.postprocess import NMSSettings, postprocess
-from nasquant.predict import PREDICT_NMS
+from nasquant.eval.postprocess import postprocess
 from nasquant.runtime.base import Backend
+from nasquant.settings import PREDICT_NMS, NMSSettings
 
 
 @dataclass(frozen=True)

@@ -12,34 +12,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from nasquant.checks import is_finite_number, is_int
-from nasquant.errors import NasquantError
-
-
-@dataclass(frozen=True)
-class NMSSettings:
-    """Post-processing thresholds; the defaults are super-gradients' settings for COCO mAP.
-
-    ``multi_label``: every (anchor, class) pair scoring above ``conf`` is a candidate; otherwise
-    only each anchor's best class, kept when it scores at least ``conf``.
-    """
-
-    conf: float = 0.01
-    iou: float = 0.7
-    top_k: int = 1000
-    max_det: int = 300
-    multi_label: bool = True
-
-    def __post_init__(self) -> None:
-        # Checked where the settings are made, so the CLI, the API and recipes refuse the same values.
-        for name in ("conf", "iou"):
-            value = getattr(self, name)
-            if not (is_finite_number(value) and 0 < value <= 1):
-                raise NasquantError(f"{name} must be a number in (0, 1], got {value!r}")
-        for name in ("top_k", "max_det"):
-            value = getattr(self, name)
-            if not (is_int(value) and value >= 1):
-                raise NasquantError(f"{name} must be an integer >= 1, got {value!r}")
+from nasquant.settings import NMSSettings
 
 
 @dataclass

@@ -9,8 +9,9 @@ from nasquant.data.datasets import DetectionDataset, iter_batches
 from nasquant.data.preprocess import Preprocess
 from nasquant.errors import NasquantError
 from nasquant.eval.coco import coco_detections, evaluate_coco
-from nasquant.eval.postprocess import NMSSettings, postprocess
+from nasquant.eval.postprocess import postprocess
 from nasquant.runtime.base import Backend
+from nasquant.settings import VAL_NMS, NMSSettings
 
 
 def validate(
@@ -29,7 +30,7 @@ def validate(
         )
     if batch_size < 1:
         raise NasquantError(f"batch size must be at least 1, got {batch_size}")
-    nms = nms or NMSSettings()
+    nms = nms or VAL_NMS
     results: list[dict] = []
     started = time.perf_counter()
     for batch in iter_batches(

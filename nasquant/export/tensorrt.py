@@ -25,9 +25,9 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from nasquant._version import __version__
 from nasquant.artifacts import (
@@ -44,10 +44,8 @@ from nasquant.artifacts import (
 from nasquant.cuda import INSTALL_HINT, CudaRuntime, import_tensorrt
 from nasquant.errors import NasquantError
 from nasquant.io import atomic_path
-
-Precision = Literal["fp32", "fp16", "int8"]
-Typing = Literal["auto", "strong", "weak"]
-HardwareCompatibility = Literal["none", "ampere_plus", "same_compute_capability"]
+from nasquant.recipe import EnginesSection
+from nasquant.settings import Precision
 
 #: oldest TensorRT nasquant builds with: explicit quantization, the I/O tensor API, IProgressMonitor
 MIN_TENSORRT_MAJOR = 10
@@ -107,24 +105,23 @@ def optimization_profile(
 
 @dataclass(frozen=True)
 class EngineSettings:
-    """How to build one engine (the recipe's ``engines`` section, for one precision)."""
+    """One engine to build: its precision, the batch profile of the ONNX it comes from, and every
+    builder option as the recipe's ``engines`` section holds it (defaults written there once; the
+    CLI fills a section from its flags)."""
 
     precision: Precision
-    workspace_mb: int = 4096
-    optimization_level: int = 3
     profile: Profile | None = None
-    timing_cache: Path | None = None
-    typing: Typing = "auto"
-    dla_core: int | None = None
-    gpu_fallback: bool = True
-    hardware_compatibility: HardwareCompatibility = "none"
-    verbose: bool = False
+    engines: EnginesSection = field(default_factory=EnginesSection)
+
+    @property
+    def timing_cache(self) -> Path | None:
+        return Path(self.engines.timing_cache) if self.engines.timing_cache else None
 
 
 def engine_settings(
-    engines: Any, *, precision: Precision, imgsz: int, batch: int, dynamic_batch: bool
+    engines: EnginesSection, *, precision: Precision, imgsz: int, batch: int, dynamic_batch: bool
 ) -> EngineSettings:
-    """:class:`EngineSettings` from a recipe's ``engines`` section (:class:`nasquant.recipe.EnginesSection`)."""
+    """The settings for one engine from a recipe's ``engines`` section and its ONNX's batch kind."""
     profile = optimization_profile(
         imgsz=imgsz,
         batch=batch,
@@ -133,18 +130,7 @@ def engine_settings(
         opt_batch=engines.opt_batch,
         max_batch=engines.max_batch,
     )
-    return EngineSettings(
-        precision=precision,
-        workspace_mb=engines.workspace_mb,
-        optimization_level=engines.optimization_level,
-        profile=profile,
-        timing_cache=Path(engines.timing_cache) if engines.timing_cache else None,
-        typing=engines.typing,
-        dla_core=engines.dla_core,
-        gpu_fallback=engines.gpu_fallback,
-        hardware_compatibility=engines.hardware_compatibility,
-        verbose=engines.verbose,
-    )
+    return EngineSettings(precision, profile, engines)
 
 
 @dataclass(frozen=True)
@@ -233,7 +219,7 @@ def build_plan(settings: EngineSettings, *, tensorrt_version: str) -> BuildPlan:
             f"TensorRT {tensorrt_version} is too old: nasquant builds with TensorRT {MIN_TENSORRT_MAJOR} or newer "
             "(explicit quantization, the I/O tensor API)"
         )
-    typing = settings.typing
+    typing = settings.engines.typing
     if typing == "auto":
         typing = "strong" if major >= STRONG_ONLY_MAJOR else "weak"
     if typing == "weak" and major >= STRONG_ONLY_MAJOR:
@@ -245,26 +231,26 @@ def build_plan(settings: EngineSettings, *, tensorrt_version: str) -> BuildPlan:
     if typing == "weak":
         # INT8 enables the Q/DQ graph's int8 kernels; FP16 lets the float layers run in half precision.
         flags += {"fp32": [], "fp16": ["FP16"], "int8": ["INT8", "FP16"]}[settings.precision]
-    if settings.dla_core is not None:
+    if settings.engines.dla_core is not None:
         if settings.precision == "fp32":
             raise NasquantError("engines.dla_core: the DLA runs FP16 or INT8 engines only, not fp32")
-        if settings.hardware_compatibility != "none":
+        if settings.engines.hardware_compatibility != "none":
             raise NasquantError("engines.dla_core: DLA engines cannot be hardware-compatible; set it to none")
-        if settings.gpu_fallback:
+        if settings.engines.gpu_fallback:
             flags.append("GPU_FALLBACK")
     return BuildPlan(
         tensorrt_major=major,
         strongly_typed=typing == "strong",
         builder_flags=tuple(flags),
-        workspace_bytes=settings.workspace_mb << 20,
-        optimization_level=settings.optimization_level,
-        hardware_compatibility=_HARDWARE_LEVELS.get(settings.hardware_compatibility),
-        dla_core=settings.dla_core,
+        workspace_bytes=settings.engines.workspace_mb << 20,
+        optimization_level=settings.engines.optimization_level,
+        hardware_compatibility=_HARDWARE_LEVELS.get(settings.engines.hardware_compatibility),
+        dla_core=settings.engines.dla_core,
         profile=settings.profile,
         timing_cache=settings.timing_cache,
         autocast_fp16=typing == "strong" and settings.precision != "fp32",
         precision=settings.precision,
-        verbose=settings.verbose,
+        verbose=settings.engines.verbose,
     )
 
 
@@ -294,7 +280,9 @@ def trtexec_command(
         f"--builderOptimizationLevel={plan.optimization_level}",
     ]
     if plan.hardware_compatibility is not None:
-        words.append(f"--hardwareCompatibilityLevel={_TRTEXEC_HARDWARE[settings.hardware_compatibility]}")
+        words.append(
+            f"--hardwareCompatibilityLevel={_TRTEXEC_HARDWARE[settings.engines.hardware_compatibility]}"
+        )
     if plan.dla_core is not None:
         words.append(f"--useDLACore={plan.dla_core}")
         if "GPU_FALLBACK" in plan.builder_flags:
@@ -545,7 +533,7 @@ def _sidecar(
         compute_capability=capability,
         precision=plan.precision,
         typing="strong" if plan.strongly_typed else "weak",
-        hardware_compatibility=settings.hardware_compatibility,
+        hardware_compatibility=settings.engines.hardware_compatibility,
         inputs=inputs,
         outputs=outputs,
         onnx_sha256=file_sha256(onnx_path),

@@ -14,6 +14,7 @@ from torch import nn
 
 from nasquant.errors import NasquantError
 from nasquant.models.layers import ConvBNAct, QARepVGGBlock, SeqConvBNReLU, fuse_modules
+from nasquant.settings import VARIANTS
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,6 @@ YOLO_NAS_L = YoloNASConfig(
 )
 
 CONFIGS: dict[str, YoloNASConfig] = {c.name: c for c in (YOLO_NAS_S, YOLO_NAS_M, YOLO_NAS_L)}
-VARIANTS: tuple[str, ...] = tuple(CONFIGS)
 
 
 class _BlockFactory(Protocol):

@@ -14,7 +14,6 @@ from pathlib import Path
 
 from nasquant.artifacts import INPUT_NAME, OUTPUT_NAMES
 from nasquant.data.preprocess import Preprocess
-from nasquant.eval.postprocess import NMSSettings
 from nasquant.export.tensorrt import (
     EngineSettings,
     autocast_command,
@@ -22,6 +21,7 @@ from nasquant.export.tensorrt import (
     trtexec_command,
 )
 from nasquant.io import atomic_path
+from nasquant.settings import NMSSettings
 
 DEPLOY_MD = "DEPLOY.md"
 
@@ -47,7 +47,8 @@ def render_deploy_guide(
 ) -> str:
     """The guide's Markdown; file paths appear as given (the pipeline passes names beside the guide)."""
     fp16, int8 = replace(settings, precision="fp16"), replace(settings, precision="int8")
-    dla = replace(int8, dla_core=0, gpu_fallback=True, hardware_compatibility="none")
+    dla_engines = replace(settings.engines, dla_core=0, gpu_fallback=True, hardware_compatibility="none")
+    dla = replace(int8, engines=dla_engines)
     if settings.profile is not None:
         bounds = (settings.profile.min, settings.profile.opt, settings.profile.max)
         batch = "dynamic batch, min/opt/max " + "/".join(str(shape[0]) for shape in bounds)
@@ -147,6 +148,6 @@ def render_deploy_guide(
 
 def _trtexec(onnx_path: Path, settings: EngineSettings, tensorrt_version: str) -> str:
     engine = default_engine_path(onnx_path, settings.precision)
-    if settings.dla_core is not None:
-        engine = engine.with_name(engine.name.replace(".engine", f".dla{settings.dla_core}.engine"))
+    if settings.engines.dla_core is not None:
+        engine = engine.with_name(engine.name.replace(".engine", f".dla{settings.engines.dla_core}.engine"))
     return trtexec_command(onnx_path, engine, settings, tensorrt_version=tensorrt_version)

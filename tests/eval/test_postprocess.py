@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from nasquant.errors import NasquantError
-from nasquant.eval.postprocess import NMSSettings, postprocess
+from nasquant.eval.postprocess import postprocess
+from nasquant.settings import NMSSettings
 
 
 def _iou(a, b) -> float:

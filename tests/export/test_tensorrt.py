@@ -31,7 +31,7 @@ from nasquant.export.tensorrt import (
     optimization_profile,
     trtexec_command,
 )
-from nasquant.recipe import load_recipe
+from nasquant.recipe import EnginesSection, load_recipe
 from nasquant.runtime import OnnxRuntimeBackend
 from tests.conftest import IMGSZ
 from tests.shared import shared_path
@@ -117,14 +117,11 @@ def test_engine_settings_come_from_the_recipe(tmp_path: Path) -> None:
     section = load_recipe(recipe_file).engines
     settings = engine_settings(section, precision="int8", imgsz=640, batch=4, dynamic_batch=True)
     assert settings == EngineSettings(
-        precision="int8",
-        workspace_mb=2048,
-        optimization_level=5,
-        profile=Profile("images", (1, 3, 640, 640), (4, 3, 640, 640), (8, 3, 640, 640)),
-        timing_cache=tmp_path / "cache" / "t4.cache",  # recipe paths resolve against the recipe's folder
-        typing="weak",
-        hardware_compatibility="ampere_plus",
+        "int8", Profile("images", (1, 3, 640, 640), (4, 3, 640, 640), (8, 3, 640, 640)), section
     )
+    assert (section.workspace_mb, section.optimization_level, section.typing) == (2048, 5, "weak")
+    # recipe paths resolve against the recipe's folder
+    assert settings.timing_cache == tmp_path / "cache" / "t4.cache"
 
 
 # --- builder plan -----------------------------------------------------------------------------
@@ -144,31 +141,42 @@ def test_tensorrt_11_builds_strongly_typed_from_an_autocast_graph(precision: str
     plan = build_plan(EngineSettings(precision), tensorrt_version="11.4.1")
     assert (plan.strongly_typed, plan.autocast_fp16, plan.builder_flags) == (True, autocast, ())
     # strong typing is also available on 10 when asked for
-    assert build_plan(EngineSettings(precision, typing="strong"), tensorrt_version="10.8.0").strongly_typed
+    assert build_plan(
+        EngineSettings(precision, engines=EnginesSection(typing="strong")), tensorrt_version="10.8.0"
+    ).strongly_typed
 
 
 def test_versions_and_settings_that_cannot_build_are_refused_in_one_line() -> None:
     with pytest.raises(NasquantError, match=r"TensorRT 8.6.1 is too old.*10 or newer"):
         build_plan(EngineSettings("int8"), tensorrt_version="8.6.1")
     with pytest.raises(NasquantError, match="typing: weak needs TensorRT 10"):
-        build_plan(EngineSettings("fp16", typing="weak"), tensorrt_version="11.0.0")
+        build_plan(EngineSettings("fp16", engines=EnginesSection(typing="weak")), tensorrt_version="11.0.0")
     with pytest.raises(NasquantError, match="DLA runs FP16 or INT8"):
-        build_plan(EngineSettings("fp32", dla_core=0), tensorrt_version="10.3.0")
+        build_plan(EngineSettings("fp32", engines=EnginesSection(dla_core=0)), tensorrt_version="10.3.0")
     with pytest.raises(NasquantError, match="DLA engines cannot be hardware-compatible"):
         build_plan(
-            EngineSettings("int8", dla_core=0, hardware_compatibility="ampere_plus"), tensorrt_version="10.3"
+            EngineSettings("int8", engines=EnginesSection(dla_core=0, hardware_compatibility="ampere_plus")),
+            tensorrt_version="10.3",
         )
     with pytest.raises(NasquantError, match="major version"):
         build_plan(EngineSettings("fp16"), tensorrt_version="latest")
 
 
 def test_dla_hardware_compatibility_and_cache_settings_reach_the_plan(tmp_path: Path) -> None:
-    dla = build_plan(EngineSettings("int8", dla_core=1), tensorrt_version="10.3.0")
+    dla = build_plan(EngineSettings("int8", engines=EnginesSection(dla_core=1)), tensorrt_version="10.3.0")
     assert dla.dla_core == 1 and dla.builder_flags == ("INT8", "FP16", "GPU_FALLBACK")
-    strict = build_plan(EngineSettings("int8", dla_core=1, gpu_fallback=False), tensorrt_version="10.3.0")
+    strict = build_plan(
+        EngineSettings("int8", engines=EnginesSection(dla_core=1, gpu_fallback=False)),
+        tensorrt_version="10.3.0",
+    )
     assert "GPU_FALLBACK" not in strict.builder_flags
     portable = build_plan(
-        EngineSettings("fp16", hardware_compatibility="same_compute_capability", timing_cache=tmp_path / "c"),
+        EngineSettings(
+            "fp16",
+            engines=EnginesSection(
+                hardware_compatibility="same_compute_capability", timing_cache=str(tmp_path / "c")
+            ),
+        ),
         tensorrt_version="10.8.0",
     )
     # names of tensorrt.HardwareCompatibilityLevel members, looked up with getattr by the builder
@@ -186,9 +194,7 @@ def test_trtexec_line_for_an_int8_graph_on_tensorrt_10(flavors: dict[str, Path])
     onnx_path = flavors["trt"]
     engine = default_engine_path(onnx_path, "int8")
     profile = EngineSource.inspect(onnx_path).profile(1, 2, 4)
-    command = trtexec_command(
-        onnx_path, engine, EngineSettings("int8", profile=profile), tensorrt_version="10.3"
-    )
+    command = trtexec_command(onnx_path, engine, EngineSettings("int8", profile), tensorrt_version="10.3")
     options = trtexec_options(command)
     assert options["--onnx"] == str(onnx_path) and Path(options["--onnx"]).is_file()
     assert options["--saveEngine"] == str(engine) and engine.name == "model.int8.engine"
@@ -208,7 +214,9 @@ def test_trtexec_lines_for_jetson_dla_and_tensorrt_11(tmp_path: Path) -> None:
     dla = trtexec_command(
         onnx_path,
         engine,
-        EngineSettings("int8", dla_core=0, timing_cache=tmp_path / "t.cache", verbose=True),
+        EngineSettings(
+            "int8", engines=EnginesSection(dla_core=0, timing_cache=str(tmp_path / "t.cache"), verbose=True)
+        ),
         tensorrt_version="10.3.0",
     )
     options = trtexec_options(dla)
@@ -226,10 +234,16 @@ def test_trtexec_lines_for_jetson_dla_and_tensorrt_11(tmp_path: Path) -> None:
         == str(autocast_path(onnx_path))
         == str(onnx_path.parent / "model.int8.trt.fp16.onnx")
     )
-    opted_in = trtexec_options(trtexec_command(onnx_path, engine, EngineSettings("fp16", typing="strong")))
+    opted_in = trtexec_options(
+        trtexec_command(onnx_path, engine, EngineSettings("fp16", engines=EnginesSection(typing="strong")))
+    )
     assert "--stronglyTyped" in opted_in and "--fp16" not in opted_in
     compatible = trtexec_options(
-        trtexec_command(onnx_path, engine, EngineSettings("fp16", hardware_compatibility="ampere_plus"))
+        trtexec_command(
+            onnx_path,
+            engine,
+            EngineSettings("fp16", engines=EnginesSection(hardware_compatibility="ampere_plus")),
+        )
     )
     assert compatible["--hardwareCompatibilityLevel"] == "ampere+"
     assert shlex.split(autocast_command(onnx_path))[:3] == ["python", "-m", "modelopt.onnx.autocast"]

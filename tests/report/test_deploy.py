@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from nasquant.data.preprocess import Preprocess
-from nasquant.eval.postprocess import NMSSettings
 from nasquant.export.tensorrt import EngineSettings, Profile
 from nasquant.report.deploy import render_deploy_guide
+from nasquant.settings import NMSSettings
 
 
 def _guide(settings: EngineSettings, spec: Preprocess, **extra) -> str:
@@ -25,7 +25,7 @@ def _guide(settings: EngineSettings, spec: Preprocess, **extra) -> str:
 
 def test_a_dynamic_batch_letterbox_guide() -> None:
     profile = Profile("images", (1, 3, 640, 640), (4, 3, 640, 640), (8, 3, 640, 640))
-    guide = _guide(EngineSettings("int8", profile=profile), Preprocess.from_protocol("letterbox", 640))
+    guide = _guide(EngineSettings("int8", profile), Preprocess.from_protocol("letterbox", 640))
     assert "N x 3 x 640 x 640 (dynamic batch, min/opt/max 1/4/8)" in guide
     assert "`round(h * scale) x round(w * scale)`" in guide  # Ultralytics' rounding
     assert "--maxShapes=images:8x3x640x640" in guide

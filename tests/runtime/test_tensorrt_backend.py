@@ -79,7 +79,7 @@ def engines(fp32_onnx: Path, flavors: dict[str, Path], tmp_path_factory: pytest.
     build_engine(fp32_onnx, fp16, EngineSettings("fp16"))
     int8 = folder / "model.int8.engine"
     profile = EngineSource.inspect(flavors["trt"]).profile(1, 4, 8)
-    build_engine(flavors["trt"], int8, EngineSettings("int8", profile=profile))
+    build_engine(flavors["trt"], int8, EngineSettings("int8", profile))
     return {"fp16": fp16, "int8": int8}
 
 
@@ -141,7 +141,7 @@ def test_int8_engine_is_faster_than_fp16(
     for precision, onnx_path in (("fp16", fp32), ("int8", int8)):
         engine = tmp_path / f"model.{precision}.engine"
         profile = EngineSource.inspect(onnx_path).profile(1, 8, 8)
-        build_engine(onnx_path, engine, EngineSettings(precision, profile=profile))
+        build_engine(onnx_path, engine, EngineSettings(precision, profile))
         stats = benchmark_model(TensorRTBackend(engine), imgsz=640, batch=8, iterations=100, progress=False)
         p50[precision] = stats.p50_ms
     assert p50["int8"] < p50["fp16"], p50

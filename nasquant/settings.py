@@ -1,0 +1,56 @@
+"""Settings written once, torch-free: the value types every layer shares and the post-processing
+defaults. Recipes (:mod:`nasquant.recipe`), the CLI and the Python API all derive from here, so a
+default or an accepted value changes in one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+from nasquant.checks import is_finite_number, is_int
+from nasquant.errors import NasquantError
+
+Variant = Literal["yolo_nas_s", "yolo_nas_m", "yolo_nas_l"]
+#: every YOLO-NAS variant nasquant builds, smallest first
+VARIANTS: tuple[str, ...] = get_args(Variant)
+CalibrationMethod = Literal["max", "percentile", "entropy", "mse"]
+#: numeric precision of an artifact or engine
+Precision = Literal["fp32", "fp16", "int8"]
+#: TensorRT network typing: weak (builder flags), strong (precisions from the graph), auto (by version)
+Typing = Literal["auto", "strong", "weak"]
+HardwareCompatibility = Literal["none", "ampere_plus", "same_compute_capability"]
+#: preprocessing: sg = Deci's COCO protocol, letterbox = Ultralytics-style
+Protocol = Literal["sg", "letterbox"]
+
+
+@dataclass(frozen=True)
+class NMSSettings:
+    """Post-processing thresholds; the defaults are super-gradients' settings for COCO mAP.
+
+    ``multi_label``: every (anchor, class) pair scoring above ``conf`` is a candidate; otherwise
+    only each anchor's best class, kept when it scores at least ``conf``.
+    """
+
+    conf: float = 0.01
+    iou: float = 0.7
+    top_k: int = 1000
+    max_det: int = 300
+    multi_label: bool = True
+
+    def __post_init__(self) -> None:
+        # Checked where the settings are made, so the CLI, the API and recipes refuse the same values.
+        for name in ("conf", "iou"):
+            value = getattr(self, name)
+            if not (is_finite_number(value) and 0 < value <= 1):
+                raise NasquantError(f"{name} must be a number in (0, 1], got {value!r}")
+        for name in ("top_k", "max_det"):
+            value = getattr(self, name)
+            if not (is_int(value) and value >= 1):
+                raise NasquantError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+#: mAP: super-gradients' validation settings (recipes' ``validation`` section, ``val``)
+VAL_NMS = NMSSettings()
+#: Interactive use (``predict``, end-to-end latency): super-gradients' predict confidence
+PREDICT_NMS = NMSSettings(conf=0.25)
