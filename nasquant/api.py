@@ -39,7 +39,7 @@ from nasquant.errors import NasquantError
 from nasquant.eval.validate import validate
 from nasquant.models import YoloNAS, yolo_nas
 from nasquant.predict import Prediction, predict
-from nasquant.runtime import Backend, TorchBackend, open_backend
+from nasquant.runtime import Backend, TorchBackend, check_device, open_backend
 from nasquant.settings import PREDICT_NMS, VAL_NMS, NMSSettings
 from nasquant.weights import Checkpoint, load_checkpoint
 
@@ -160,6 +160,7 @@ class NAS:
         self._checkpoint: Checkpoint | None = None
         self._model: YoloNAS | None = None
         if Path(model).suffix.lower() in EXPORTED_SUFFIXES:
+            check_device(model, device)  # a wrong device is the first thing said, as for a checkpoint
             self.exported = ExportedFile.read(model, sha256=sha256)
             names = self.exported.names
             recorded_variant = self.exported.metadata.get(KEY_VARIANT)

@@ -402,9 +402,9 @@ def _cmd_sensitivity(args: argparse.Namespace) -> int:
     from nasquant.recipe import load_recipe
 
     result = run_sensitivity(load_recipe(args.recipe, args.overrides), output=args.output, resume=args.resume)
-    print(f"most sensitive (recovery when kept in FP): {', '.join(result['ranked'][:5])}")
-    if result["search"] is not None:
-        search = result["search"]
+    print(f"most sensitive (recovery when kept in FP): {', '.join(result.ranked[:5])}")
+    if result.search is not None:
+        search = result.search
         print(
             f"search: {len(search['chosen'])} layer(s) in FP, mAP drop {search['drop']:+.4f}, budget met: {search['met']}"
         )

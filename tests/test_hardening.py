@@ -378,7 +378,7 @@ CASES: list[tuple[str, Case, int, str, bool]] = [
         "empty-onnx-val",
         _onnx(_empty_onnx, "val", "--model", "MODEL", "--data", "DATA"),
         2,
-        "cannot load ONNX model",
+        "holds no graph",
         False,
     ),
     ("empty-onnx-engine", _onnx(_empty_onnx, "engine", "command", "MODEL"), 2, "holds no graph", False),

@@ -96,6 +96,48 @@ def test_resume_reuses_finished_stages_and_redoes_changed_ones(run_dir: Path, tm
     assert "(reused)" not in calibrate_line
 
 
+CACHED_STAGES = (
+    "calibrate",
+    "export model.fp32",
+    "export model.int8",
+    "evaluate torch FP32",
+    "evaluate ORT FP32",
+    "evaluate ORT INT8 selective",
+    "evaluate ORT INT8 selective (trt flavor)",
+)
+EVALUATE_ALL = {s for s in CACHED_STAGES if s.startswith("evaluate")}
+EVALUATE_ORT = EVALUATE_ALL - {"evaluate torch FP32"}
+EVALUATE_INT8 = {"evaluate ORT INT8 selective", "evaluate ORT INT8 selective (trt flavor)"}
+EXPORT_ALL = {"export model.fp32", "export model.int8"}
+
+
+@pytest.mark.parametrize(
+    ("change", "rerun"),
+    [
+        ("benchmark.iterations=4", EVALUATE_ALL),
+        ("validation.conf=0.02", EVALUATE_ALL),
+        ("export.opset=16", EXPORT_ALL | EVALUATE_ORT),  # new files: the ORT rows run them anew
+        ("model.class_names=[a,b,c,d,e,f]", EXPORT_ALL | EVALUATE_ORT),  # names live in the graphs
+        ("benchmark.batch_sizes=[2]", EXPORT_ALL | EVALUATE_ALL),  # a static batch is baked in
+        ("calibration.method=percentile", {"calibrate", "export model.int8"} | EVALUATE_INT8),
+        ("quantization.skip=[heads.head1.reg_pred]", {"export model.int8"} | EVALUATE_INT8),
+    ],
+)
+def test_resume_reruns_exactly_the_stages_that_read_a_changed_field(
+    run_dir: Path, tmp_path: Path, capsys, change: str, rerun: set[str]
+) -> None:
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run_dir, resumed)
+    capsys.readouterr()
+    assert _quantize(resumed, change, resume=True) == 0
+    lines = {
+        line.split("]")[0][1:]: line for line in capsys.readouterr().out.splitlines() if line.startswith("[")
+    }
+    # every cached stage ran (the other [calibrate] line is the image draw, which is not a stage)
+    assert set(CACHED_STAGES) <= lines.keys()
+    assert {stage for stage in CACHED_STAGES if not lines[stage].endswith("(reused)")} == rerun
+
+
 def test_report_command_and_accuracy_gate(run_dir: Path, tmp_path: Path, capsys) -> None:
     assert main(["report", str(run_dir), "--fail-on-drop", "100"]) == 0
     assert "ORT INT8 selective" in capsys.readouterr().out
@@ -145,7 +187,7 @@ def test_coco_recipe_offline_fails_in_one_line_naming_the_urls(tmp_path: Path, m
 
 
 def test_a_run_removes_the_partial_files_a_killed_run_left(tmp_path: Path) -> None:
-    from nasquant.pipeline import QuantizePipeline
+    from nasquant.pipeline import open_run
     from nasquant.recipe import load_recipe
 
     run = tmp_path / "run"
@@ -154,7 +196,7 @@ def test_a_run_removes_the_partial_files_a_killed_run_left(tmp_path: Path) -> No
         orphan.write_bytes(b"half")
     (run / "model.fp32.onnx").write_bytes(b"a finished artifact")
     lines: list[str] = []
-    with QuantizePipeline(load_recipe(RECIPE), output=run, log=lines.append):
+    with open_run(load_recipe(RECIPE), output=run, resume=False, progress=False, log=lines.append):
         pass
     assert lines == [f"[run] removed 2 partial file(s) an interrupted run left in {run}"]
     assert sorted(p.name for p in run.rglob("*")) == ["bench", "model.fp32.onnx"]
@@ -163,7 +205,7 @@ def test_a_run_removes_the_partial_files_a_killed_run_left(tmp_path: Path) -> No
 def test_a_new_run_removes_the_previous_report_before_any_stage(tmp_path: Path) -> None:
     # Interrupted after export, a rerun would otherwise leave the old report beside new models, and a
     # CI gate would read it.
-    from nasquant.pipeline import PREVIOUS_RUN_REPORT, QuantizePipeline
+    from nasquant.pipeline import PREVIOUS_RUN_REPORT, open_run
     from nasquant.recipe import load_recipe
 
     run = tmp_path / "run"
@@ -171,7 +213,7 @@ def test_a_new_run_removes_the_previous_report_before_any_stage(tmp_path: Path) 
     for name in (*PREVIOUS_RUN_REPORT, "model.fp32.onnx", "calibration.safetensors"):
         (run / name).write_text("from the previous run")
     lines: list[str] = []
-    with QuantizePipeline(load_recipe(RECIPE), output=run, resume=True, log=lines.append):
+    with open_run(load_recipe(RECIPE), output=run, resume=True, progress=False, log=lines.append):
         remaining = sorted(p.name for p in run.iterdir())
     assert remaining == [".nasquant.lock", "calibration.safetensors", "model.fp32.onnx"]
     assert lines == [
@@ -194,12 +236,12 @@ def test_a_second_run_into_a_held_folder_is_refused_in_one_line(tmp_path: Path, 
 
 def test_stage_keys_change_with_the_nasquant_version(monkeypatch: pytest.MonkeyPatch) -> None:
     # --resume must not reuse a calibration or export an older nasquant made.
-    from nasquant import pipeline
+    from nasquant.pipeline import context
 
-    key = pipeline._hash("recipe-section", 42)
-    assert pipeline._hash("recipe-section", 42) == key
-    monkeypatch.setattr(pipeline, "__version__", "999.0")
-    assert pipeline._hash("recipe-section", 42) != key
+    key = context.stage_key("recipe-section", 42)
+    assert context.stage_key("recipe-section", 42) == key
+    monkeypatch.setattr(context, "__version__", "999.0")
+    assert context.stage_key("recipe-section", 42) != key
 
 
 def test_the_deploy_guide_hands_off_commands_and_the_io_contract(run_dir: Path) -> None:

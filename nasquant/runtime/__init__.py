@@ -13,6 +13,7 @@ __all__ = [
     "OnnxRuntimeBackend",
     "TensorRTBackend",
     "TorchBackend",
+    "check_device",
     "open_backend",
     "optimized_op_types",
     "parse_device",
@@ -33,19 +34,29 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'nasquant.runtime' has no attribute {name!r}")
 
 
+def check_device(path: str | os.PathLike, device: str | None) -> int | None:
+    """Refuse a device the artifact cannot run on, before anything is read: an engine runs on CUDA
+    only (its index is returned); an ONNX graph on cpu or cuda (None)."""
+    parsed = parse_device(device)
+    if Path(path).suffix.lower() not in ENGINE_SUFFIXES:
+        return None
+    kind, index = parsed or ("cuda", None)
+    if kind != "cuda":
+        raise NasquantError(f"TensorRT engines run on a CUDA device, not {device!r}; use cuda or cuda:N")
+    return index or 0
+
+
 def open_backend(
     path: str | os.PathLike, *, device: str | None = None, threads: int | None = None
 ) -> Backend:
     """The backend for an exported model file: ``.onnx`` runs on ONNX Runtime (``device`` picks the
-    provider, ``threads`` its intra-op threads), ``.engine`` / ``.plan`` on TensorRT (``cuda:N``)."""
-    suffix = Path(path).suffix.lower()
-    if suffix in ENGINE_SUFFIXES:
+    provider, ``threads`` its intra-op threads), ``.engine`` / ``.plan`` on TensorRT (``cuda:N``).
+    Close it when done (or use ``with``)."""
+    index = check_device(path, device)
+    if index is not None:
         from nasquant.runtime.tensorrt_backend import TensorRTBackend
 
-        kind, index = parse_device(device) or ("cuda", None)
-        if kind != "cuda":
-            raise NasquantError(f"TensorRT engines run on a CUDA device, not {device!r}; use cuda or cuda:N")
-        return TensorRTBackend(path, device=index or 0)
+        return TensorRTBackend(path, device=index)
     from nasquant.runtime.onnxruntime_backend import OnnxRuntimeBackend
 
     return OnnxRuntimeBackend(path, device=device, threads=threads)

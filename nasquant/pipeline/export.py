@@ -1,0 +1,158 @@
+"""Stage ``export``: the FP32 graph and, per INT8 variant, the TensorRT-flavour and CPU-flavour graphs
+(plus copies at the benchmark size when it differs from the model's)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from nasquant.artifacts import KEY_FLAVOR, KEY_FP_LAYERS, KEY_RECIPE_HASH
+from nasquant.export import export_onnx, write_cpu_flavor
+from nasquant.pipeline.context import RecipeFields, RunContext, cached_stage, stage_key
+from nasquant.pipeline.load import Loaded
+from nasquant.pipeline.select import Selection
+
+READS = ("export", "benchmark.size", "benchmark.batch_sizes", "validation.protocol")
+#: With the calibration's key, what an INT8 graph records as the recipe that made it
+#: (``nasquant.recipe_hash``); an FP32 graph records model, input and export only.
+PROVENANCE = ("model", "input", "quantization", "export")
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One model file (or the torch module) that gets validated and benchmarked as a report row."""
+
+    name: str
+    backend: str
+    precision: str
+    flavor: str | None
+    path: Path | None
+    skipped_layers: list[str]
+    bench_path: Path | None = None
+    fp_reason: str | None = None
+    """Why ``skipped_layers`` are the float layers (recipe list, search result), for the report."""
+
+
+@dataclass(frozen=True)
+class Exported:
+    artifacts: list[Artifact]
+    """The torch module first, then every ONNX graph."""
+
+
+@dataclass(frozen=True)
+class _Variant:
+    label: str
+    module: torch.nn.Module
+    precision: str
+    stem: str
+    fp_layers: list[str]
+    fp_reason: str | None
+    upstream: tuple[str, ...]
+    """Keys of what the graph is computed from beyond the FP32 model: the calibration, for INT8."""
+
+
+def export(ctx: RunContext, loaded: Loaded, selection: Selection, calibration_key: str) -> Exported:
+    """One cached stage per variant (``export model.fp32``, ``export model.int8``, ...): a new
+    calibration or float-layer list re-exports the INT8 graphs and leaves the FP32 graph alone."""
+    fields = ctx.fields(*READS)
+    bench_size = fields.benchmark.size or loaded.spec.imgsz
+    # Graphs have a static input size: timing at another size needs its own copies, same weights.
+    folders = {loaded.spec.imgsz: ctx.run_dir}
+    if bench_size != loaded.spec.imgsz:
+        folders[bench_size] = ctx.run_dir / "bench"
+    calibrated = (calibration_key,)
+    variants = [
+        _Variant("ORT FP32", loaded.nas.model, "fp32", "model.fp32", [], None, ()),
+        _Variant(
+            "ORT INT8 selective",
+            selection.selective,
+            "int8",
+            "model.int8",
+            selection.skipped,
+            selection.fp_reason,
+            calibrated,
+        ),
+    ]
+    # which graphs exist, not what any one of them is: no graph's key holds it
+    if ctx.fields("quantization.quantize_all_baseline").quantization.quantize_all_baseline:
+        baseline = "quantize-everything baseline"
+        variants.append(
+            _Variant(
+                "ORT INT8 all-layers",
+                selection.all_layers,
+                "int8",
+                "model.int8-all",
+                [],
+                baseline,
+                calibrated,
+            )
+        )
+    artifacts = [Artifact("torch FP32", "torch", "fp32", None, None, [])]
+    for variant in variants:
+        flavors = [None] if variant.precision == "fp32" else ["cpu", "trt"]
+        files = [f"{variant.stem}.{flavor}.onnx" if flavor else f"{variant.stem}.onnx" for flavor in flavors]
+        for flavor, file in zip(flavors, files, strict=True):
+            artifacts.append(
+                Artifact(
+                    f"{variant.label} (trt flavor)" if flavor == "trt" else variant.label,
+                    "onnxruntime",
+                    variant.precision,
+                    flavor,
+                    ctx.run_dir / file,
+                    variant.fp_layers,
+                    folders[bench_size] / file,
+                    variant.fp_reason,
+                )
+            )
+        _export_variant(ctx, loaded, selection, fields, variant, folders, files)
+    return Exported(artifacts)
+
+
+def _export_variant(
+    ctx: RunContext,
+    loaded: Loaded,
+    selection: Selection,
+    fields: RecipeFields,
+    variant: _Variant,
+    folders: dict[int, Path],
+    files: list[str],
+) -> None:
+    sections = PROVENANCE if variant.precision == "int8" else ("model", "input", "export")
+    # The calibration enters as its key (the images and range settings), not as the recipe's section,
+    # whose pinned image_list names the run folder: a copied folder records the same provenance.
+    provenance = stage_key(*variant.upstream, selection.recipe.section_hash(*sections))
+    key = stage_key(loaded.key, fields.values, variant.fp_layers, provenance)
+    outputs = [folder / file for folder in folders.values() for file in files]
+    metadata = {
+        # what a consumer needs besides the graph (names, preprocessing) and where the graph came from
+        **loaded.nas.onnx_metadata(fields.validation.protocol, loaded.spec.imgsz),
+        KEY_RECIPE_HASH: provenance,
+        KEY_FLAVOR: "trt" if variant.precision == "int8" else "",
+        KEY_FP_LAYERS: json.dumps(variant.fp_layers),
+    }
+
+    def compute() -> dict:
+        section = fields.export
+        for size, folder in folders.items():
+            stem = folder / variant.stem
+            int8 = variant.precision == "int8"
+            target = stem.with_name(f"{stem.name}.trt.onnx" if int8 else f"{stem.name}.onnx")
+            export_onnx(
+                variant.module,
+                target,
+                imgsz=size,
+                batch=fields.benchmark.batch_sizes[0],
+                dynamic_batch=section.dynamic_batch,
+                opset=section.opset,
+                simplify=section.simplify,
+                metadata=metadata,
+            )
+            if int8:  # the CPU flavour is a rewrite of the TensorRT one: one calibration, two graphs
+                write_cpu_flavor(target, stem.with_name(f"{stem.name}.cpu.onnx"))
+        return {"files": [str(p) for p in outputs]}
+
+    summary = f"{', '.join(files)} (opset {fields.export.opset})"
+    cached_stage(ctx, f"export {variant.stem}", key, compute, summary=lambda _: summary, outputs=outputs)
