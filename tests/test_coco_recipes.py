@@ -84,7 +84,14 @@ def _check_report(run_dir: Path, variant: str) -> None:
     timed = json.loads((run_dir / TIMINGS_NAME).read_text())["stages"]
     evaluated = [f"evaluate {name}" for name in ROWS if not name.startswith("TRT")]
     exports = ["export model.fp32", "export model.int8", "export model.int8-all"]
-    assert [stage["stage"] for stage in timed] == ["load", "calibrate", "select", *exports, *evaluated, "deploy"]
+    assert [stage["stage"] for stage in timed] == [
+        "load",
+        "calibrate",
+        "select",
+        *exports,
+        *evaluated,
+        "deploy",
+    ]
     assert all(stage["seconds"] >= 0 and stage["reused"] is False for stage in timed)
 
 
