@@ -1,16 +1,15 @@
 """ONNX export: FP32 and INT8 (ModelOpt Q/DQ) graphs and the two INT8 flavours. The metadata keys and
 I/O names they carry are the artifact contract, in :mod:`nasquant.artifacts`."""
 
+from nasquant.export.conv_layouts import pixel_shuffle_upsampling, space_to_depth_input_convs
+from nasquant.export.graph import count_qdq
 from nasquant.export.onnx import export_onnx
 from nasquant.export.onnx_files import load_onnx, save_onnx, set_metadata
 from nasquant.export.qdq import (
-    count_qdq,
     drop_requantization,
     fold_relu_into_quantize,
     fold_scalar_multipliers,
-    pixel_shuffle_upsampling,
     quantize_outputs,
-    space_to_depth_input_convs,
     to_cpu_flavor,
     to_uint8_activations,
     write_cpu_flavor,

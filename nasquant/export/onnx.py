@@ -31,8 +31,8 @@ from nasquant.artifacts import (
 )
 from nasquant.data.preprocess import check_input_size
 from nasquant.errors import NasquantError
+from nasquant.export.graph import count_qdq
 from nasquant.export.onnx_files import check_metadata, write_checked
-from nasquant.export.qdq import count_qdq
 from nasquant.io import atomic_path
 
 

@@ -1,0 +1,232 @@
+"""One function per ``nasquant`` subcommand; each imports what it needs when it runs, so ``nasquant
+--help`` answers without loading torch."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from nasquant.errors import NasquantError
+from nasquant.io import write_json
+from nasquant.recipe import (
+    EnginesSection,
+)
+
+
+def _load(args: argparse.Namespace, *, fuse: bool = True):
+    # Imported here so `nasquant --help` answers without loading torch.
+    from nasquant.api import NAS
+
+    nas = NAS(args.model, variant=args.variant, sha256=args.sha256, device=args.device)
+    # val/predict run the deployment form: re-parameterized, as it will be exported and quantized.
+    return nas.fuse() if fuse else nas
+
+
+def _cmd_info(args: argparse.Namespace) -> None:
+    info = _load(args, fuse=False).info(imgsz=args.imgsz)
+    names = info["names"]
+    shown = ", ".join(names[:10]) + (f", … ({len(names)} total)" if len(names) > 10 else "")
+    rows = [
+        ("source", info["source"]),
+        ("sha256", info["sha256"]),
+        ("format", info["format"]),
+        ("variant", info["variant"]),
+        ("classes", f"{info['num_classes'] or '?'}: {shown or 'no names recorded'}"),
+    ]
+    if info["format"] == "checkpoint":
+        rows += [
+            ("parameters", f"{info['parameters']:,} (fused: {info['parameters_fused']:,})"),
+            (f"GFLOPs @{info['gflops_imgsz']}", f"{info['gflops']:.2f} (fused; 2 FLOPs per multiply-add)"),
+            ("conv layers", f"{info['conv_layers']} (fused)"),
+        ]
+    else:
+        flavor = f" ({info['flavor']} flavour)" if info["flavor"] else ""
+        rows += [
+            ("precision", f"{info['precision'] or 'not recorded'}{flavor}"),
+            ("kept in float", ", ".join(info["fp_layers"]) or "none recorded"),
+            ("file size", f"{info['file_mb']} MB"),
+        ]
+    rows += [
+        ("input size", str(info["input_size"])),
+        ("preprocessing", str(info["preprocessing"] or "not recorded (Deci COCO default)")),
+    ]
+    width = max(len(key) for key, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    if args.json:
+        write_json(args.json, info)
+
+
+def _cmd_val(args: argparse.Namespace) -> None:
+    metrics = _load(args).val(
+        args.data, imgsz=args.imgsz, protocol=args.protocol, batch=args.batch, conf=args.conf, iou=args.iou,
+        top_k=args.top_k, max_det=args.max_det,
+    )  # fmt: skip
+    print(
+        f"{metrics['variant']} on {metrics['dataset']} ({metrics['num_images']} images, imgsz {metrics['imgsz']}, "
+        f"protocol {metrics['protocol']}, {metrics['backend']} {metrics['precision']} {metrics['device']})"
+    )
+    summary = ["map50_95", "map50", "map75", "map_small", "map_medium", "map_large"]
+    # pycocotools has no value for an area range without ground truth: shown as "n/a".
+    print(
+        "  ".join(f"{key}=" + ("n/a" if metrics[key] is None else f"{metrics[key]:.4f}") for key in summary)
+    )
+    per_class = {name: ap for name, ap in metrics["per_class"].items() if ap is not None}
+    if per_class:
+        width = max(len(name) for name in per_class)
+        for name, ap in per_class.items():
+            print(f"  {name:<{width}}  AP50-95 {ap:.4f}")
+    if args.json:
+        print(f"metrics written to {write_json(args.json, metrics)}")
+
+
+def _cmd_predict(args: argparse.Namespace) -> None:
+    nas = _load(args)
+    predictions = nas.predict(
+        args.source,
+        conf=args.conf,
+        iou=args.iou,
+        imgsz=args.imgsz,
+        protocol=args.protocol,
+        max_det=args.max_det,
+        save_dir=args.out,
+        progress=True,
+    )
+    for prediction in predictions:
+        counts: dict[str, int] = {}
+        for cls in prediction.class_ids:
+            counts[prediction.names[int(cls)]] = counts.get(prediction.names[int(cls)], 0) + 1
+        found = ", ".join(f"{n} {name}" for name, n in counts.items()) or "nothing"
+        print(f"{prediction.source}: {found}")
+    print(f"annotated images and predictions.json written to {args.out}")
+
+
+def _gate(report: dict, points: float | None, label: str) -> int:
+    """The CI mode: print each INT8 row that dropped too far; non-zero when any did."""
+    from nasquant.report import check_drop
+
+    failures = [] if points is None else check_drop(report, points)
+    for failure in failures:
+        print(f"nasquant: accuracy gate ({label}): {failure}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from nasquant.pipeline import run_quantize
+    from nasquant.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    report = run_quantize(recipe, output=args.output, resume=args.resume)
+    points = args.fail_on_drop if args.fail_on_drop is not None else recipe.output.fail_on_drop
+    return _gate(report, points, report["run_dir"])
+
+
+def _cmd_sensitivity(args: argparse.Namespace) -> int:
+    from nasquant.pipeline import run_sensitivity
+    from nasquant.recipe import load_recipe
+
+    result = run_sensitivity(load_recipe(args.recipe, args.overrides), output=args.output, resume=args.resume)
+    print(f"most sensitive (recovery when kept in FP): {', '.join(result.ranked[:5])}")
+    if result.search is not None:
+        search = result.search
+        print(
+            f"search: {len(search['chosen'])} layer(s) in FP, mAP drop {search['drop']:+.4f}, budget met: {search['met']}"
+        )
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from nasquant.api import NAS
+    from nasquant.bench import benchmark, set_threads
+
+    set_threads(args.threads)
+    nas = NAS(args.model, device=args.device, threads=args.threads).fuse()
+    imgsz = nas.preprocessing(imgsz=args.imgsz).imgsz
+    with nas.backend() as backend:
+        result = benchmark(
+            backend, imgsz=imgsz, batch=args.batch, warmup=args.warmup, iterations=args.iterations
+        )
+    stats = result.model
+    print(
+        f"{args.model}: {backend.describe()}, {imgsz}px batch {stats.batch}: p50 {stats.p50_ms:.2f} ms, "
+        f"p90 {stats.p90_ms:.2f} ms, p99 {stats.p99_ms:.2f} ms, {stats.images_per_s:.1f} img/s"
+    )
+    if args.json:
+        row = {
+            "name": Path(args.model).name,
+            "backend": backend.name,
+            "precision": backend.precision,
+            **result.row_fields(),
+        }
+        write_json(args.json, row)
+    return 0
+
+
+def _cmd_engine(args: argparse.Namespace) -> int:
+    from nasquant.export.tensorrt import (
+        EngineSettings,
+        EngineSource,
+        autocast_command,
+        build_engine,
+        build_plan,
+        default_engine_path,
+        trtexec_command,
+    )
+
+    source = EngineSource.inspect(args.model)
+    precision = args.precision or ("int8" if source.precision == "int8" else "fp16")
+    source.check_precision(precision)
+    engines = EnginesSection(
+        workspace_mb=args.workspace_mb,
+        optimization_level=args.opt_level,
+        timing_cache=args.timing_cache,
+        typing=args.typing,
+        dla_core=args.dla_core,
+        gpu_fallback=not args.no_gpu_fallback,
+        hardware_compatibility=args.hardware_compatibility,
+        verbose=args.verbose,
+    )
+    profile = source.profile(args.min_batch, args.opt_batch, args.max_batch)
+    settings = EngineSettings(precision, profile, engines)
+    output = Path(args.output) if args.output else default_engine_path(source.path, precision)
+    if args.engine_command == "command":
+        if build_plan(settings, tensorrt_version=args.tensorrt_version).autocast_fp16:
+            print(autocast_command(source.path))
+        print(trtexec_command(source.path, output, settings, tensorrt_version=args.tensorrt_version))
+        return 0
+    sidecar = build_engine(source.path, output, settings)
+    print(
+        f"{output}: {precision} engine, TensorRT {sidecar.tensorrt_version} on {sidecar.gpu_name} "
+        f"(sm {sidecar.compute_capability}); sidecar {output.name}.json"
+    )
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from nasquant.report import REPORT_MD, load_report, render_comparison, render_markdown
+
+    reports = [(run, load_report(run)) for run in args.runs]
+    for run, report in reports:
+        # report.json is read from disk and may come from anywhere: a value of the wrong shape deep in
+        # it (a host that is a list, ...) makes the file malformed, said in one line.
+        try:
+            single = render_markdown(report, title=f"{run} ({REPORT_MD})")
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise NasquantError(
+                f"{run} is not a readable nasquant report ({type(exc).__name__}: {exc})"
+            ) from None
+    print(single if len(reports) == 1 else render_comparison(reports))
+    return max(_gate(report, args.fail_on_drop, run) for run, report in reports)
+
+
+COMMANDS = {
+    "info": _cmd_info,
+    "val": _cmd_val,
+    "predict": _cmd_predict,
+    "quantize": _cmd_quantize,
+    "sensitivity": _cmd_sensitivity,
+    "bench": _cmd_bench,
+    "engine": _cmd_engine,
+    "report": _cmd_report,
+}
