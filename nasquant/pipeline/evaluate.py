@@ -1,9 +1,11 @@
-"""Stage ``evaluate <artifact>``: every artifact's mAP on the validation images and its latency, one
-report row each."""
+"""Stages ``evaluate <artifact>`` (every artifact's mAP on the validation images and its latency, one
+report row each) and ``paired <artifact>`` (its speedup over FP32, timed back to back)."""
 
 from __future__ import annotations
 
-from nasquant.bench import benchmark
+from dataclasses import replace
+
+from nasquant.bench import benchmark, paired_speedup
 from nasquant.data.preprocess import read_image
 from nasquant.eval.validate import validate
 from nasquant.pipeline.context import RunContext, cached_stage, file_key, stage_key
@@ -83,3 +85,51 @@ def evaluate(ctx: RunContext, loaded: Loaded, artifact: Artifact) -> ReportRow:
         size_mb=artifact_size_mb(artifact.path) if artifact.path else None,
         **result,
     )
+
+
+def paired(
+    ctx: RunContext, loaded: Loaded, artifacts: list[Artifact], rows: list[ReportRow]
+) -> list[ReportRow]:
+    """Stage ``paired <artifact>``: each reduced-precision graph's speedup over its backend's FP32 graph,
+    the two timed back to back in interleaved rounds (``benchmark.iterations`` of them), so a slow spell
+    of a shared machine slows both and the ratio the report states is not one of two separate runs."""
+    bench = ctx.fields("benchmark").benchmark
+    fp32 = {a.backend: a for a in artifacts if a.precision == "fp32" and a.bench_path is not None}
+    finished = []
+    for artifact, row in zip(artifacts, rows, strict=True):
+        reference = fp32.get(artifact.backend)
+        if reference is None or artifact is reference or not row.ok:
+            finished.append(row)
+            continue
+        key = stage_key(
+            file_key(reference.bench_path), file_key(artifact.bench_path), ctx.fields("benchmark").values
+        )
+
+        def compute(reference: Artifact = reference, candidate: Artifact = artifact) -> dict:
+            with (
+                open_backend(reference.bench_path, threads=bench.threads) as fp32_backend,
+                open_backend(candidate.bench_path, threads=bench.threads) as backend,
+            ):
+                ratio = paired_speedup(
+                    fp32_backend,
+                    backend,
+                    imgsz=bench.size or loaded.spec.imgsz,
+                    batch=bench.batch_sizes[0],
+                    warmup=bench.warmup,
+                    rounds=bench.iterations,
+                    progress=ctx.progress,
+                )
+            return ratio.extra_fields()
+
+        record = cached_stage(
+            ctx,
+            f"paired {artifact.name}",
+            key,
+            compute,
+            summary=lambda r: (
+                f"{r['speedup_paired']:.2f}x vs FP32 (quartiles {r['speedup_paired_q1']:.2f}-"
+                f"{r['speedup_paired_q3']:.2f}, {r['speedup_paired_rounds']} rounds)"
+            ),
+        )
+        finished.append(replace(row, extra={**row.extra, **record.result}))
+    return finished

@@ -15,7 +15,7 @@ from nasquant.io import describe_holder, remove_stale_parts, run_lock
 from nasquant.pipeline.calibrate import calibrate, calibration_images
 from nasquant.pipeline.context import Log, RunContext, StageCache
 from nasquant.pipeline.engines import engines, settings_for
-from nasquant.pipeline.evaluate import evaluate
+from nasquant.pipeline.evaluate import evaluate, paired
 from nasquant.pipeline.export import Exported
 from nasquant.pipeline.export import export as export_graphs
 from nasquant.pipeline.load import Loaded, load
@@ -78,7 +78,8 @@ def quantize(ctx: RunContext) -> dict:
         ctx.recipe.dump(ctx.run_dir)
     exported = export_graphs(ctx, loaded, selection, calibrated.key)
     built = engines(ctx, exported)
-    rows = [evaluate(ctx, loaded, artifact) for artifact in exported.artifacts + built.artifacts]
+    artifacts = exported.artifacts + built.artifacts
+    rows = paired(ctx, loaded, artifacts, [evaluate(ctx, loaded, artifact) for artifact in artifacts])
     _deploy_guide(ctx, loaded, exported)
     recipe = ctx.recipe
     files = write_report(

@@ -117,7 +117,7 @@ def _table_row(row: dict[str, Any]) -> list[str]:
         percent(row.get("map50_95")),
         percent(row.get("map50")),
         points(row.get("delta_map50_95")),
-        _fmt(row.get("p50_ms"), ".2f"),
+        _fmt(row.get("p50_ms"), ".2f") + (" ‡" if (row.get("extra") or {}).get("contended") else ""),
         _fmt(row.get("p90_ms"), ".2f"),
         _fmt(row.get("images_per_s"), ".1f"),
         _fmt(row.get("speedup"), ".2f", "×"),
@@ -132,8 +132,17 @@ def _legend(rows: list[dict[str, Any]]) -> list[str]:
     lines = [
         "mAP in % (pycocotools); ΔmAP in mAP points"
         + (f" vs **{_cell(reference)}**" if reference else "")
-        + "; speedup = p50 of the same backend's FP32 row / p50 of the row."
+        + "; speedup = time of the same backend's FP32 row / time of the row: the median over rounds"
+        " timed back to back (paired) where the run measured it, else the ratio of the two p50s."
     ]
+    contended = [e for e in extras if e.get("contended")]
+    if contended:
+        worst = max(e.get("other_cpu_share") or 0.0 for e in contended)
+        lines.append(
+            f"‡ timed while other processes used up to {worst:.0%} of this run's CPUs, after "
+            f"{max(e.get('bench_attempts') or 1 for e in contended)} attempt(s): that latency is not the quiet"
+            " machine's (the paired speedup, timed back to back, is the one to trust)."
+        )
     bench = next((e for e in extras if "bench_iterations" in e), None)
     if bench is not None:
         lines.append(

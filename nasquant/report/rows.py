@@ -25,7 +25,7 @@ _NUMERIC_FIELDS = (
 )
 
 #: ``extra`` keys written by :func:`finalize_rows`, dropped and recomputed on every call
-_DERIVED_EXTRA = ("delta_reference", "speedup_reference", "speedup_note")
+_DERIVED_EXTRA = ("delta_reference", "speedup_reference", "speedup_method", "speedup_note")
 
 # Differences below this many mAP points are float noise from subtracting two fractions
 # (0.47 - 0.475 is -0.0050000000000000044), not a real drop past the threshold.
@@ -118,8 +118,9 @@ def finalize_rows(rows: list[ReportRow]) -> list[ReportRow]:
     """New rows with ``delta_map50_95`` and ``speedup`` filled in; the inputs are not modified.
 
     ``delta_map50_95`` = mAP50-95 minus the reference FP32 row's (torch FP32 when present, else the
-    first ok FP32 row). ``speedup`` = the p50 of the FP32 row *on the same backend* divided by this
-    row's p50, so an ONNX Runtime INT8 model is compared with ONNX Runtime FP32, never with torch.
+    first ok FP32 row). ``speedup`` compares with the FP32 row *on the same backend* (an ONNX Runtime
+    INT8 model with ONNX Runtime FP32, never with torch): ``extra["speedup_paired"]`` (the median of
+    interleaved rounds) where measured, else that row's p50 divided by this row's p50.
     When a backend has no FP32 row (e.g. TensorRT built only in FP16/INT8) ``speedup`` stays null
     and ``extra["speedup_note"]`` says why. Running it twice gives the same rows.
     """
@@ -136,8 +137,12 @@ def finalize_rows(rows: list[ReportRow]) -> list[ReportRow]:
             if base is None:
                 extra["speedup_note"] = f"no fp32 {row.backend} row to compare with"
             else:
-                speedup = base.p50_ms / row.p50_ms
+                # Timed back to back with the FP32 graph when the pipeline could (paired rounds);
+                # else the ratio of two p50s measured apart.
+                paired = row.extra.get("speedup_paired") if row is not base else None
+                speedup = paired if paired else base.p50_ms / row.p50_ms
                 extra["speedup_reference"] = base.name
+                extra["speedup_method"] = "paired" if paired else "p50"
         finalized.append(
             replace(
                 row,

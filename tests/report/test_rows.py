@@ -140,3 +140,19 @@ def test_artifact_size_of_a_file_and_of_a_folder(tmp_path) -> None:
     assert artifact_size_mb(tmp_path) == 2.0
     with pytest.raises(NasquantError, match="artifact not found"):
         artifact_size_mb(tmp_path / "missing.engine")
+
+
+def test_a_paired_measurement_is_the_speedup_the_report_states(rows: list[ReportRow]) -> None:
+    from dataclasses import replace
+
+    paired = [
+        replace(row, extra={**row.extra, "speedup_paired": 2.5}) if row.name == "ORT INT8 selective" else row
+        for row in rows
+    ]
+    done = _by_name(finalize_rows(paired))
+    fp32 = done["ORT FP32"].p50_ms
+    assert done["ORT INT8 selective"].speedup == 2.5
+    assert done["ORT INT8 selective"].extra["speedup_method"] == "paired"
+    assert done["ORT INT8 all-layers"].speedup == fp32 / done["ORT INT8 all-layers"].p50_ms
+    assert done["ORT INT8 all-layers"].extra["speedup_method"] == "p50"
+    assert finalize_rows(finalize_rows(paired)) == finalize_rows(paired)  # still idempotent
