@@ -34,10 +34,6 @@ ENGINE_SUFFIXES = (".engine", ".plan")
 #: every exported file a backend (not a checkpoint loader) opens
 EXPORTED_SUFFIXES = (ONNX_SUFFIX, *ENGINE_SUFFIXES)
 
-#: In a run folder: the calibration images' file names, one per line (a ``calibration.image_list``).
-CALIBRATION_LIST_NAME = "calibration_images.txt"
-#: In a run folder: each stage's wall time, ``{"stages": [{"stage", "summary", "seconds", "reused"}]}``.
-TIMINGS_NAME = "timings.json"
 
 #: Input side when neither the user nor the checkpoint says (Deci's COCO models are 640).
 DEFAULT_IMGSZ = 640
@@ -52,6 +48,77 @@ MIN_OPSET = 13
 #: The highest opset torch's TorchScript ONNX exporter writes (``torch.onnx._constants``; a test
 #: checks it against the installed torch). ModelOpt's Q/DQ symbolics exist only in that exporter.
 MAX_OPSET = 20
+
+
+# --- a run folder ----------------------------------------------------------------------------------
+
+#: The recipe as run: defaults filled in, ``${VAR}`` expanded, ``--set`` applied, paths absolute.
+RESOLVED_NAME = "recipe.resolved.yaml"
+#: Per cached stage, the key of its inputs and its JSON result (what ``--resume`` reads).
+STAGES_NAME = "stages.json"
+#: Each stage's wall time, ``{"stages": [{"stage", "summary", "seconds", "reused"}]}``.
+TIMINGS_NAME = "timings.json"
+#: The calibration images' file names, one per line (a ``calibration.image_list``).
+CALIBRATION_LIST_NAME = "calibration_images.txt"
+#: Every quantizer's calibrated range (ModelOpt state), reloaded by ``--resume``.
+CALIBRATION_NAME = "calibration.safetensors"
+REPORT_JSON, REPORT_MD, REPORT_PNG = "report.json", "report.md", "accuracy_latency.png"
+#: The hand-off to whoever ships the model: engine commands, I/O contract, pre/post-processing.
+DEPLOY_MD = "DEPLOY.md"
+SENSITIVITY_JSON, SENSITIVITY_MD, SENSITIVITY_PNG = "sensitivity.json", "sensitivity.md", "sensitivity.png"
+#: Copies of the graphs at the benchmark size, when it differs from the model's input size.
+BENCH_FOLDER = "bench"
+#: INT8 graph flavours: ``trt`` (ModelOpt's signed Q/DQ, for TensorRT), ``cpu`` (ONNX Runtime's integer kernels).
+FLAVORS = ("cpu", "trt")
+
+
+@dataclass(frozen=True)
+class ArtifactLayout:
+    """Every file of one run folder, named in one place: the pipeline writes through it, the report,
+    the deploy guide and ``--resume`` read through it."""
+
+    run_dir: Path
+
+    @property
+    def bench_dir(self) -> Path:
+        return self.run_dir / BENCH_FOLDER
+
+    def file(self, name: str) -> Path:
+        """A run-level file by its name constant, e.g. ``layout.file(REPORT_JSON)``."""
+        return self.run_dir / name
+
+    @property
+    def report_files(self) -> tuple[Path, ...]:
+        """What describes a finished run's models (removed when a new run into the folder starts)."""
+        return tuple(self.run_dir / name for name in (REPORT_JSON, REPORT_MD, REPORT_PNG, DEPLOY_MD))
+
+    def graph(self, stem: str, flavor: str | None = None, *, bench: bool = False) -> Path:
+        """``model.fp32.onnx`` (no flavour) or ``model.int8.cpu.onnx`` / ``model.int8.trt.onnx``;
+        with ``bench``, the copy at the benchmark size."""
+        if flavor is not None and flavor not in FLAVORS:
+            raise ValueError(f"unknown INT8 flavour {flavor!r}; expected one of {', '.join(FLAVORS)}")
+        name = f"{stem}.{flavor}{ONNX_SUFFIX}" if flavor else f"{stem}{ONNX_SUFFIX}"
+        return (self.bench_dir if bench else self.run_dir) / name
+
+
+def engine_path(onnx_path: str | os.PathLike, precision: str) -> Path:
+    """Where the engine built from an ONNX file goes: ``model.fp32.onnx`` -> ``model.fp16.engine``,
+    ``model.int8.trt.onnx`` -> ``model.int8.engine``, ``model.int8-all.trt.onnx`` ->
+    ``model.int8-all.engine``, ``model.onnx`` -> ``model.fp16.engine``."""
+    onnx_path = Path(onnx_path)
+    parts = onnx_path.name.removesuffix(ONNX_SUFFIX).removesuffix(".trt").split(".")
+    head, dash, tail = parts[-1].partition("-")
+    if len(parts) > 1 and head in ("fp32", "fp16", "int8"):
+        parts[-1] = precision + dash + tail
+    else:
+        parts.append(precision)
+    return onnx_path.with_name(".".join(parts) + ENGINE_SUFFIXES[0])
+
+
+def autocast_path(onnx_path: str | os.PathLike) -> Path:
+    """Where the FP16 AutoCast copy of an ONNX file goes: ``model.int8.trt.onnx`` -> ``model.int8.trt.fp16.onnx``."""
+    onnx_path = Path(onnx_path)
+    return onnx_path.with_name(onnx_path.name.removesuffix(ONNX_SUFFIX) + ".fp16" + ONNX_SUFFIX)
 
 
 # --- exported graphs -------------------------------------------------------------------------------

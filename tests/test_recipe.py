@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from nasquant.artifacts import RESOLVED_NAME
 from nasquant.errors import NasquantError
 from nasquant.models import CONFIGS, VARIANTS
-from nasquant.recipe import RESOLVED_NAME, load_recipe, recipe_from_dict
+from nasquant.recipe import load_recipe, recipe_from_dict
 from tests.shared import shared_dir
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent

@@ -164,13 +164,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_engine(args: argparse.Namespace) -> int:
+    from nasquant.artifacts import engine_path
     from nasquant.export.tensorrt import (
         EngineSettings,
         EngineSource,
         autocast_command,
         build_engine,
         build_plan,
-        default_engine_path,
         trtexec_command,
     )
 
@@ -189,7 +189,7 @@ def _cmd_engine(args: argparse.Namespace) -> int:
     )
     profile = source.profile(args.min_batch, args.opt_batch, args.max_batch)
     settings = EngineSettings(precision, profile, engines)
-    output = Path(args.output) if args.output else default_engine_path(source.path, precision)
+    output = Path(args.output) if args.output else engine_path(source.path, precision)
     if args.engine_command == "command":
         if build_plan(settings, tensorrt_version=args.tensorrt_version).autocast_fp16:
             print(autocast_command(source.path))
@@ -204,7 +204,8 @@ def _cmd_engine(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from nasquant.report import REPORT_MD, load_report, render_comparison, render_markdown
+    from nasquant.artifacts import REPORT_MD
+    from nasquant.report import load_report, render_comparison, render_markdown
 
     reports = [(run, load_report(run)) for run in args.runs]
     for run, report in reports:

@@ -38,6 +38,7 @@ from nasquant.artifacts import (
     KEY_PROTOCOL,
     EngineSidecar,
     TensorSpec,
+    autocast_path,
     file_sha256,
     read_metadata,
 )
@@ -293,25 +294,6 @@ def trtexec_command(
     if plan.verbose:
         words.append("--verbose")
     return shlex.join(words)
-
-
-def default_engine_path(onnx_path: str | os.PathLike, precision: Precision) -> Path:
-    """``model.fp32.onnx`` -> ``model.fp16.engine``, ``model.int8.trt.onnx`` -> ``model.int8.engine``,
-    ``model.int8-all.trt.onnx`` -> ``model.int8-all.engine``, ``model.onnx`` -> ``model.fp16.engine``."""
-    onnx_path = Path(onnx_path)
-    parts = onnx_path.name.removesuffix(".onnx").removesuffix(".trt").split(".")
-    head, dash, tail = parts[-1].partition("-")
-    if len(parts) > 1 and head in ("fp32", "fp16", "int8"):
-        parts[-1] = precision + dash + tail
-    else:
-        parts.append(precision)
-    return onnx_path.with_name(".".join(parts) + ".engine")
-
-
-def autocast_path(onnx_path: str | os.PathLike) -> Path:
-    """Where the FP16 AutoCast copy of an ONNX file goes: ``model.int8.trt.onnx`` -> ``model.int8.trt.fp16.onnx``."""
-    onnx_path = Path(onnx_path)
-    return onnx_path.with_name(onnx_path.name.removesuffix(".onnx") + ".fp16.onnx")
 
 
 def autocast_command(onnx_path: str | os.PathLike) -> str:

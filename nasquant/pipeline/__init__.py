@@ -8,6 +8,6 @@ unchanged. Every file is written under a temporary name and renamed when complet
 run never leaves a half-written artifact under a final name.
 """
 
-from nasquant.pipeline.run import PREVIOUS_RUN_REPORT, open_run, run_quantize, run_sensitivity
+from nasquant.pipeline.run import open_run, run_quantize, run_sensitivity
 
-__all__ = ["PREVIOUS_RUN_REPORT", "open_run", "run_quantize", "run_sensitivity"]
+__all__ = ["open_run", "run_quantize", "run_sensitivity"]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from nasquant.artifacts import CALIBRATION_LIST_NAME
+from nasquant.artifacts import CALIBRATION_LIST_NAME, CALIBRATION_NAME
 from nasquant.data.calibration import check_no_overlap, select_calibration_images, write_image_list
 from nasquant.data.datasets import DetectionDataset, iter_batches, load_dataset
 from nasquant.errors import NasquantError
@@ -35,8 +35,6 @@ READS = (
     "calibration.batch_size",
     "quantization.per_channel_weights",
 )
-
-CALIBRATION_NAME = "calibration.safetensors"
 
 
 @dataclass(frozen=True)

@@ -17,15 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from nasquant._version import __version__
-from nasquant.artifacts import TIMINGS_NAME
+from nasquant.artifacts import STAGES_NAME, TIMINGS_NAME, ArtifactLayout
 from nasquant.errors import NasquantError
 from nasquant.io import write_json
 from nasquant.recipe import Recipe
 
 Log = Callable[[str], None]
-
-#: In a run folder: per stage, the key of its inputs and its JSON result.
-STAGES_NAME = "stages.json"
 
 
 def stage_key(*parts: object) -> str:
@@ -151,6 +148,11 @@ class RunContext:
     log: Log = print
     progress: bool = True
     timings: list[dict] = field(default_factory=list)
+
+    @property
+    def layout(self) -> ArtifactLayout:
+        """Every file name of the run folder."""
+        return ArtifactLayout(self.run_dir)
 
     def fields(self, *paths: str) -> RecipeFields:
         return RecipeFields(self.recipe, paths)

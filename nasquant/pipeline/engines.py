@@ -7,13 +7,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from nasquant.artifacts import sidecar_path
+from nasquant.artifacts import engine_path, sidecar_path
 from nasquant.cuda import tensorrt_unavailable
 from nasquant.export.tensorrt import (
     EngineSettings,
     EngineSource,
     build_engine,
-    default_engine_path,
     engine_settings,
 )
 from nasquant.pipeline.context import RecipeFields, RunContext, cached_stage, file_key, stage_key
@@ -45,9 +44,9 @@ def engines(ctx: RunContext, exported: Exported) -> Engines:
     built = []
     for precision in section.precisions:
         source = sources["int8" if precision == "int8" else "fp32"]
-        pairs = {source.path: default_engine_path(source.path, precision)}
+        pairs = {source.path: engine_path(source.path, precision)}
         if source.bench_path != source.path:
-            pairs[source.bench_path] = default_engine_path(source.bench_path, precision)
+            pairs[source.bench_path] = engine_path(source.bench_path, precision)
 
         def compute(pairs: dict[Path, Path] = pairs, precision: str = precision) -> dict:
             for onnx, engine in pairs.items():

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from nasquant.bench import benchmark, paired_speedup
+from nasquant.bench.latency import CALLS_PER_ROUND
 from nasquant.data.preprocess import read_image
 from nasquant.eval.validate import validate
 from nasquant.pipeline.context import RunContext, cached_stage, file_key, stage_key
@@ -91,8 +92,9 @@ def paired(
     ctx: RunContext, loaded: Loaded, artifacts: list[Artifact], rows: list[ReportRow]
 ) -> list[ReportRow]:
     """Stage ``paired <artifact>``: each reduced-precision graph's speedup over its backend's FP32 graph,
-    the two timed back to back in interleaved rounds (``benchmark.iterations`` of them), so a slow spell
-    of a shared machine slows both and the ratio the report states is not one of two separate runs."""
+    the two timed back to back in interleaved rounds (about ``benchmark.iterations`` calls each), so a
+    slow spell of a shared machine slows both and the ratio the report states is not one of two separate
+    runs."""
     bench = ctx.fields("benchmark").benchmark
     fp32 = {a.backend: a for a in artifacts if a.precision == "fp32" and a.bench_path is not None}
     finished = []
@@ -116,7 +118,8 @@ def paired(
                     imgsz=bench.size or loaded.spec.imgsz,
                     batch=bench.batch_sizes[0],
                     warmup=bench.warmup,
-                    rounds=bench.iterations,
+                    # about as many timed calls per model as the benchmark's own iterations
+                    rounds=max(1, bench.iterations // (CALLS_PER_ROUND + 1)),
                     progress=ctx.progress,
                 )
             return ratio.extra_fields()

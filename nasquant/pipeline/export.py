@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from nasquant.artifacts import KEY_FLAVOR, KEY_FP_LAYERS, KEY_RECIPE_HASH
+from nasquant.artifacts import FLAVORS, KEY_FLAVOR, KEY_FP_LAYERS, KEY_RECIPE_HASH
 from nasquant.export import export_onnx, write_cpu_flavor
 from nasquant.pipeline.context import RecipeFields, RunContext, cached_stage, stage_key
 from nasquant.pipeline.load import Loaded
@@ -59,10 +59,11 @@ def export(ctx: RunContext, loaded: Loaded, selection: Selection, calibration_ke
     calibration or float-layer list re-exports the INT8 graphs and leaves the FP32 graph alone."""
     fields = ctx.fields(*READS)
     bench_size = fields.benchmark.size or loaded.spec.imgsz
-    # Graphs have a static input size: timing at another size needs its own copies, same weights.
-    folders = {loaded.spec.imgsz: ctx.run_dir}
+    # Graphs have a static input size: timing at another size needs its own copies, same weights
+    # (size -> whether the copy goes to the bench folder).
+    sizes = {loaded.spec.imgsz: False}
     if bench_size != loaded.spec.imgsz:
-        folders[bench_size] = ctx.run_dir / "bench"
+        sizes[bench_size] = True
     calibrated = (calibration_key,)
     variants = [
         _Variant("ORT FP32", loaded.nas.model, "fp32", "model.fp32", [], None, ()),
@@ -90,24 +91,23 @@ def export(ctx: RunContext, loaded: Loaded, selection: Selection, calibration_ke
                 calibrated,
             )
         )
+    layout = ctx.layout
     artifacts = [Artifact("torch FP32", "torch", "fp32", None, None, [])]
     for variant in variants:
-        flavors = [None] if variant.precision == "fp32" else ["cpu", "trt"]
-        files = [f"{variant.stem}.{flavor}.onnx" if flavor else f"{variant.stem}.onnx" for flavor in flavors]
-        for flavor, file in zip(flavors, files, strict=True):
+        for flavor in [None] if variant.precision == "fp32" else list(FLAVORS):
             artifacts.append(
                 Artifact(
                     f"{variant.label} (trt flavor)" if flavor == "trt" else variant.label,
                     "onnxruntime",
                     variant.precision,
                     flavor,
-                    ctx.run_dir / file,
+                    layout.graph(variant.stem, flavor),
                     variant.fp_layers,
-                    folders[bench_size] / file,
+                    layout.graph(variant.stem, flavor, bench=sizes[bench_size]),
                     variant.fp_reason,
                 )
             )
-        _export_variant(ctx, loaded, selection, fields, variant, folders, files)
+        _export_variant(ctx, loaded, selection, fields, variant, sizes)
     return Exported(artifacts)
 
 
@@ -117,29 +117,32 @@ def _export_variant(
     selection: Selection,
     fields: RecipeFields,
     variant: _Variant,
-    folders: dict[int, Path],
-    files: list[str],
+    sizes: dict[int, bool],
 ) -> None:
     sections = PROVENANCE if variant.precision == "int8" else ("model", "input", "export")
     # The calibration enters as its key (the images and range settings), not as the recipe's section,
     # whose pinned image_list names the run folder: a copied folder records the same provenance.
     provenance = stage_key(*variant.upstream, selection.recipe.section_hash(*sections))
     key = stage_key(loaded.key, fields.values, variant.fp_layers, provenance)
-    outputs = [folder / file for folder in folders.values() for file in files]
+    int8 = variant.precision == "int8"
+    layout = ctx.layout
+    outputs = [
+        layout.graph(variant.stem, flavor, bench=bench)
+        for bench in sizes.values()
+        for flavor in (FLAVORS if int8 else [None])
+    ]
     metadata = {
         # what a consumer needs besides the graph (names, preprocessing) and where the graph came from
         **loaded.nas.onnx_metadata(fields.validation.protocol, loaded.spec.imgsz),
         KEY_RECIPE_HASH: provenance,
-        KEY_FLAVOR: "trt" if variant.precision == "int8" else "",
+        KEY_FLAVOR: "trt" if int8 else "",
         KEY_FP_LAYERS: json.dumps(variant.fp_layers),
     }
 
     def compute() -> dict:
         section = fields.export
-        for size, folder in folders.items():
-            stem = folder / variant.stem
-            int8 = variant.precision == "int8"
-            target = stem.with_name(f"{stem.name}.trt.onnx" if int8 else f"{stem.name}.onnx")
+        for size, bench in sizes.items():
+            target = layout.graph(variant.stem, "trt" if int8 else None, bench=bench)
             export_onnx(
                 variant.module,
                 target,
@@ -151,8 +154,9 @@ def _export_variant(
                 metadata=metadata,
             )
             if int8:  # the CPU flavour is a rewrite of the TensorRT one: one calibration, two graphs
-                write_cpu_flavor(target, stem.with_name(f"{stem.name}.cpu.onnx"))
+                write_cpu_flavor(target, layout.graph(variant.stem, "cpu", bench=bench))
         return {"files": [str(p) for p in outputs]}
 
-    summary = f"{', '.join(files)} (opset {fields.export.opset})"
+    names = sorted({path.name for path in outputs})
+    summary = f"{', '.join(names)} (opset {fields.export.opset})"
     cached_stage(ctx, f"export {variant.stem}", key, compute, summary=lambda _: summary, outputs=outputs)

@@ -22,11 +22,7 @@ from nasquant.pipeline.load import Loaded, load
 from nasquant.pipeline.select import Sensitivity, select, sensitivity
 from nasquant.recipe import Recipe
 from nasquant.report import load_report, write_report
-from nasquant.report.deploy import DEPLOY_MD, render_deploy_guide, write_deploy_guide
-from nasquant.report.files import REPORT_JSON, REPORT_MD, REPORT_PNG
-
-#: The files that describe a finished run's models: removed when a new run into the folder starts.
-PREVIOUS_RUN_REPORT = (REPORT_JSON, REPORT_MD, REPORT_PNG, DEPLOY_MD)
+from nasquant.report.deploy import render_deploy_guide, write_deploy_guide
 
 
 @contextlib.contextmanager
@@ -46,14 +42,15 @@ def open_run(
             )
         ctx = RunContext(recipe, run_dir, StageCache(run_dir, resume=resume), log=log, progress=progress)
         # Temporary files an earlier run left when it was killed (SIGKILL, power loss): never results.
-        stale = [path for folder in (run_dir, run_dir / "bench") for path in remove_stale_parts(folder)]
+        stale = [path for folder in (run_dir, ctx.layout.bench_dir) for path in remove_stale_parts(folder)]
         if stale:
             log(f"[run] removed {len(stale)} partial file(s) an interrupted run left in {run_dir}")
-        old_report = [name for name in PREVIOUS_RUN_REPORT if (run_dir / name).is_file()]
-        for name in old_report:
-            (run_dir / name).unlink()
+        old_report = [path for path in ctx.layout.report_files if path.is_file()]
+        for path in old_report:
+            path.unlink()
         if old_report:
-            log(f"[run] removed the previous report ({', '.join(old_report)}): this run writes its own")
+            names = ", ".join(path.name for path in old_report)
+            log(f"[run] removed the previous report ({names}): this run writes its own")
         yield ctx
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from nasquant.artifacts import SENSITIVITY_JSON
 from nasquant.data.calibration import select_calibration_images
 from nasquant.data.datasets import iter_batches
 from nasquant.errors import NasquantError
@@ -23,7 +24,7 @@ from nasquant.pipeline.load import Loaded
 from nasquant.quant import keep_in_float
 from nasquant.quant.sensitivity import SensitivityResult, analyze, search_fp_layers
 from nasquant.recipe import Recipe
-from nasquant.report.sensitivity import SENSITIVITY_JSON, write_sensitivity
+from nasquant.report.sensitivity import write_sensitivity
 from nasquant.runtime import TorchBackend
 
 SENSITIVITY_READS = (

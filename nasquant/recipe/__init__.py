@@ -28,7 +28,6 @@ per field):
 
 from nasquant.recipe.loading import check_value, load_recipe, recipe_from_dict
 from nasquant.recipe.sections import (
-    RESOLVED_NAME,
     BenchmarkSection,
     CalibrationSection,
     EnginesSection,
@@ -42,7 +41,6 @@ from nasquant.recipe.sections import (
 )
 
 __all__ = [
-    "RESOLVED_NAME",
     "BenchmarkSection",
     "CalibrationSection",
     "EnginesSection",

@@ -14,7 +14,7 @@ from typing import Any, Literal, get_args
 
 import yaml
 
-from nasquant.artifacts import MAX_INPUT_SIZE, MAX_OPSET, MAX_STRIDE, MIN_OPSET
+from nasquant.artifacts import MAX_INPUT_SIZE, MAX_OPSET, MAX_STRIDE, MIN_OPSET, RESOLVED_NAME
 from nasquant.errors import NasquantError
 from nasquant.io import atomic_path
 from nasquant.settings import (
@@ -27,9 +27,6 @@ from nasquant.settings import (
     Typing,
     Variant,
 )
-
-RESOLVED_NAME = "recipe.resolved.yaml"
-
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 

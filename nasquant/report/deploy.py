@@ -12,18 +12,15 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from nasquant.artifacts import INPUT_NAME, OUTPUT_NAMES
+from nasquant.artifacts import DEPLOY_MD, INPUT_NAME, OUTPUT_NAMES, engine_path
 from nasquant.data.preprocess import Preprocess
 from nasquant.export.tensorrt import (
     EngineSettings,
     autocast_command,
-    default_engine_path,
     trtexec_command,
 )
 from nasquant.io import atomic_path
 from nasquant.settings import NMSSettings
-
-DEPLOY_MD = "DEPLOY.md"
 
 
 def write_deploy_guide(run_dir: str | os.PathLike, guide: str) -> Path:
@@ -68,10 +65,10 @@ def render_deploy_guide(
         "",
         "```bash",
         "pip install 'nasquant[tensorrt]'",
-        f"nasquant engine build {int8_onnx} --int8   # -> {default_engine_path(int8_onnx, 'int8').name} + .json sidecar",
+        f"nasquant engine build {int8_onnx} --int8   # -> {engine_path(int8_onnx, 'int8').name} + .json sidecar",
         f"nasquant engine build {fp32_onnx} --fp16",
-        f"nasquant val --model {default_engine_path(int8_onnx, 'int8').name} --data <annotations>  # the engine's mAP",
-        f"nasquant bench --model {default_engine_path(int8_onnx, 'int8').name}                # CUDA-event latency",
+        f"nasquant val --model {engine_path(int8_onnx, 'int8').name} --data <annotations>  # the engine's mAP",
+        f"nasquant bench --model {engine_path(int8_onnx, 'int8').name}                # CUDA-event latency",
         "```",
         "",
         "The same engines with `trtexec` (TensorRT 10, weak typing: builder flags allow FP16/INT8):",
@@ -147,7 +144,7 @@ def render_deploy_guide(
 
 
 def _trtexec(onnx_path: Path, settings: EngineSettings, tensorrt_version: str) -> str:
-    engine = default_engine_path(onnx_path, settings.precision)
+    engine = engine_path(onnx_path, settings.precision)
     if settings.engines.dla_core is not None:
         engine = engine.with_name(engine.name.replace(".engine", f".dla{settings.engines.dla_core}.engine"))
     return trtexec_command(onnx_path, engine, settings, tensorrt_version=tensorrt_version)

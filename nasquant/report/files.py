@@ -8,15 +8,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from nasquant.artifacts import REPORT_JSON, REPORT_MD, REPORT_PNG
 from nasquant.errors import NasquantError
 from nasquant.io import atomic_path, write_json
 from nasquant.report.markdown import render_comparison, render_markdown
 from nasquant.report.plot import plot_accuracy_latency
 from nasquant.report.rows import ReportRow, finalize_rows
-
-REPORT_JSON = "report.json"
-REPORT_MD = "report.md"
-REPORT_PNG = "accuracy_latency.png"
 
 
 def write_report(

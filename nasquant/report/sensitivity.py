@@ -8,10 +8,9 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from nasquant.artifacts import SENSITIVITY_JSON, SENSITIVITY_MD, SENSITIVITY_PNG
 from nasquant.io import atomic_path, write_json
 from nasquant.quant.sensitivity import SensitivityResult
-
-SENSITIVITY_JSON, SENSITIVITY_MD, SENSITIVITY_PNG = "sensitivity.json", "sensitivity.md", "sensitivity.png"
 
 
 def write_sensitivity(

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from nasquant.bench import CONTENDED_SHARE, other_cpu_share, paired_speedup
+from nasquant.bench.latency import CALLS_PER_ROUND
 from nasquant.runtime.base import Backend
 
 needs_proc = pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="needs Linux /proc")
@@ -56,8 +57,9 @@ class _Clocked(Backend):
 
 
 def test_paired_rounds_cancel_a_slow_spell_that_separate_runs_would_report() -> None:
-    spells = [1.0, 1.0, 4.0, 4.0, 1.0, 3.0]  # the machine's slowness, call by call (both see the same)
+    # the machine's slowness, call by call: both models see the same spell in a round
+    spells = [1.0, 1.0, 1.0, 4.0, 4.0, 4.0, 1.0, 1.0, 1.0, 3.0, 2.0, 3.0]
     reference, candidate = _Clocked(10e6, spells), _Clocked(4e6, spells)
-    ratio = paired_speedup(reference, candidate, imgsz=32, warmup=0, rounds=6, progress=False)
-    assert ratio.rounds == 6 and reference.calls == candidate.calls == 6
+    ratio = paired_speedup(reference, candidate, imgsz=32, warmup=0, rounds=4, progress=False)
+    assert ratio.rounds == 4 and reference.calls == candidate.calls == 4 * (CALLS_PER_ROUND + 1)
     assert ratio.median == ratio.q1 == ratio.q3 == pytest.approx(2.5)

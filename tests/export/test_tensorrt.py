@@ -13,7 +13,7 @@ import pytest
 from onnx import TensorProto
 
 from nasquant import NAS
-from nasquant.artifacts import KEY_NAMES, read_metadata
+from nasquant.artifacts import KEY_NAMES, autocast_path, engine_path, read_metadata
 from nasquant.cuda import tensorrt_unavailable
 from nasquant.data.preprocess import preprocess, read_image
 from nasquant.errors import NasquantError
@@ -24,9 +24,7 @@ from nasquant.export.tensorrt import (
     Profile,
     autocast_command,
     autocast_fp16,
-    autocast_path,
     build_plan,
-    default_engine_path,
     engine_settings,
     optimization_profile,
     trtexec_command,
@@ -192,7 +190,7 @@ def test_dla_hardware_compatibility_and_cache_settings_reach_the_plan(tmp_path: 
 
 def test_trtexec_line_for_an_int8_graph_on_tensorrt_10(flavors: dict[str, Path]) -> None:
     onnx_path = flavors["trt"]
-    engine = default_engine_path(onnx_path, "int8")
+    engine = engine_path(onnx_path, "int8")
     profile = EngineSource.inspect(onnx_path).profile(1, 2, 4)
     command = trtexec_command(onnx_path, engine, EngineSettings("int8", profile), tensorrt_version="10.3")
     options = trtexec_options(command)
@@ -260,7 +258,7 @@ def test_trtexec_lines_for_jetson_dla_and_tensorrt_11(tmp_path: Path) -> None:
     ],
 )
 def test_default_engine_names(name: str, precision: str, engine: str) -> None:
-    assert default_engine_path(Path("runs/a") / name, precision) == Path("runs/a") / engine
+    assert engine_path(Path("runs/a") / name, precision) == Path("runs/a") / engine
 
 
 # --- what an engine is built from ------------------------------------------------------------

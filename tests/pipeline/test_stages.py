@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from nasquant.artifacts import CALIBRATION_NAME
 from nasquant.errors import NasquantError
-from nasquant.pipeline.calibrate import CALIBRATION_NAME, calibrate, calibration_images
+from nasquant.pipeline.calibrate import calibrate, calibration_images
 from nasquant.pipeline.context import RunContext, StageCache
 from nasquant.pipeline.load import Loaded, load
 from nasquant.pipeline.select import select
