@@ -179,3 +179,25 @@ def zip_bomb(path: Path, megabytes: int = 64) -> Path:
         archive.writestr("archive/data.pkl", pickle.dumps({}, protocol=2))
         archive.writestr("archive/data/0", b"\0" * (megabytes << 20))
     return path
+
+
+def fake_engine(path: Path, **sidecar: object) -> Path:
+    """A file that is no engine, with a sidecar nasquant accepts (its sha256 matches): what a runner
+    reads before TensorRT itself is asked to deserialize anything. ``sidecar`` overrides the fields."""
+    from nasquant.artifacts import EngineSidecar, file_sha256
+
+    path.write_bytes(b"serialized engine")
+    fields = {
+        "tensorrt_version": "10.3.0",
+        "gpu_name": "Tesla T4",
+        "compute_capability": "7.5",
+        "precision": "int8",
+        "typing": "weak",
+        "hardware_compatibility": "none",
+        "inputs": [],
+        "outputs": [],
+        "onnx_sha256": "0" * 64,
+        "engine_sha256": file_sha256(path),
+    }
+    EngineSidecar(**{**fields, **sidecar}).write(path)
+    return path

@@ -24,6 +24,7 @@ from nasquant.export import export_onnx
 from nasquant.export.tensorrt import EngineSettings, EngineSource, build_engine
 from nasquant.runtime import OnnxRuntimeBackend, open_backend
 from nasquant.runtime.tensorrt_backend import TensorRTBackend
+from tests.crafted import fake_engine
 from tests.shared import shared_path
 
 
@@ -38,20 +39,7 @@ def test_a_missing_engine_or_sidecar_is_one_clear_error(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(tensorrt_unavailable() != "tensorrt not installed", reason="TensorRT is installed here")
 def test_without_tensorrt_the_runner_says_how_to_get_it(tmp_path: Path) -> None:
-    engine = tmp_path / "model.fp16.engine"
-    engine.write_bytes(b"engine")
-    EngineSidecar(
-        tensorrt_version="10.3.0",
-        gpu_name="Tesla T4",
-        compute_capability="7.5",
-        precision="fp16",
-        typing="weak",
-        hardware_compatibility="none",
-        inputs=[],
-        outputs=[],
-        onnx_sha256="0" * 64,
-        engine_sha256=file_sha256(engine),
-    ).write(engine)
+    engine = fake_engine(tmp_path / "model.fp16.engine", precision="fp16")
     with pytest.raises(NasquantError, match=r"tensorrt is not installed: pip install 'nasquant\[tensorrt\]'"):
         TensorRTBackend(engine)
 

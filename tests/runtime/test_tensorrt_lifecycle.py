@@ -17,11 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nasquant.artifacts import INPUT_NAME, OUTPUT_NAMES, EngineSidecar, file_sha256
+from nasquant.artifacts import INPUT_NAME, OUTPUT_NAMES
 from nasquant.cuda import CudaRuntime
 from nasquant.errors import NasquantError
 from nasquant.runtime import tensorrt_backend
 from nasquant.runtime.tensorrt_backend import TensorRTBackend, _Buffer
+from tests.crafted import fake_engine
 
 ANCHORS, CLASSES = 10, 3
 
@@ -195,22 +196,13 @@ def fake_cuda(monkeypatch: pytest.MonkeyPatch) -> FakeCudaRuntime:
 
 
 def engine_file(folder: Path) -> Path:
-    engine = folder / "model.int8.engine"
-    engine.write_bytes(b"serialized engine")
-    EngineSidecar(
+    return fake_engine(
+        folder / "model.int8.engine",
         tensorrt_version="10.9.0",
         gpu_name="Fake GPU",
         compute_capability="8.9",
-        precision="int8",
-        typing="weak",
-        hardware_compatibility="none",
-        inputs=[],
-        outputs=[],
-        onnx_sha256="0" * 64,
-        engine_sha256=file_sha256(engine),
         input_size=32,
-    ).write(engine)
-    return engine
+    )
 
 
 def assert_nothing_live(rt: FakeCudaRuntime) -> None:
