@@ -7,12 +7,12 @@ import contextlib
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from nasquant.bench import host_info, set_threads
 from nasquant.io import describe_holder, remove_stale_parts, run_lock
-from nasquant.pipeline.calibrate import calibrate, calibration_images
+from nasquant.pipeline.calibrate import Calibrated, calibrate, calibration_images
 from nasquant.pipeline.context import Log, RunContext, StageCache
 from nasquant.pipeline.engines import engines, settings_for
 from nasquant.pipeline.evaluate import evaluate, paired
@@ -54,8 +54,18 @@ def open_run(
         yield ctx
 
 
-def _calibrated(ctx: RunContext) -> tuple[RunContext, Loaded, object]:
-    """Load, choose the calibration images and calibrate: the start both jobs share."""
+@dataclass(frozen=True)
+class _Calibrated:
+    """The start both jobs share: the context (its recipe pinning the calibration draw), the loaded
+    model and its calibration."""
+
+    ctx: RunContext
+    loaded: Loaded
+    calibrated: Calibrated
+
+
+def _calibrated(ctx: RunContext) -> _Calibrated:
+    """Load, choose the calibration images and calibrate."""
     ctx.recipe.dump(ctx.run_dir)
     set_threads(ctx.recipe.benchmark.threads)
     loaded = load(ctx)
@@ -63,12 +73,13 @@ def _calibrated(ctx: RunContext) -> tuple[RunContext, Loaded, object]:
     if images.recipe is not ctx.recipe:
         ctx = replace(ctx, recipe=images.recipe)
         ctx.recipe.dump(ctx.run_dir)
-    return ctx, loaded, calibrate(ctx, loaded, images.dataset)
+    return _Calibrated(ctx, loaded, calibrate(ctx, loaded, images.dataset))
 
 
 def quantize(ctx: RunContext) -> dict:
     """Every stage, then the report; returns the report dict (``report.json`` plus ``run_dir``)."""
-    ctx, loaded, calibrated = _calibrated(ctx)
+    start = _calibrated(ctx)
+    ctx, loaded, calibrated = start.ctx, start.loaded, start.calibrated
     selection = select(ctx, loaded, calibrated)
     if selection.recipe is not ctx.recipe:
         ctx = replace(ctx, recipe=selection.recipe)
@@ -134,5 +145,5 @@ def run_sensitivity(
 ) -> Sensitivity:
     """Calibrate ``recipe``'s model and write its per-layer sensitivity evidence into the run folder."""
     with open_run(recipe, output=output, resume=resume, progress=progress, log=log) as ctx:
-        ctx, loaded, calibrated = _calibrated(ctx)
-        return sensitivity(ctx, loaded, calibrated)
+        start = _calibrated(ctx)
+        return sensitivity(start.ctx, start.loaded, start.calibrated)
