@@ -83,10 +83,6 @@ class ArtifactLayout:
     def bench_dir(self) -> Path:
         return self.run_dir / BENCH_FOLDER
 
-    def file(self, name: str) -> Path:
-        """A run-level file by its name constant, e.g. ``layout.file(REPORT_JSON)``."""
-        return self.run_dir / name
-
     @property
     def report_files(self) -> tuple[Path, ...]:
         """What describes a finished run's models (removed when a new run into the folder starts)."""

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from nasquant._version import __version__
-from nasquant.artifacts import STAGES_NAME, TIMINGS_NAME, ArtifactLayout
+from nasquant.artifacts import STAGES_NAME, TIMINGS_NAME, ArtifactLayout, file_sha256
 from nasquant.errors import NasquantError
 from nasquant.io import write_json
 from nasquant.recipe import Recipe
@@ -36,12 +36,8 @@ def stage_key(*parts: object) -> str:
 
 
 def file_key(path: Path) -> str:
-    """The content hash of a file a stage reads."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:16]
+    """The content hash of a file a stage reads (short, like every key)."""
+    return file_sha256(path)[:16]
 
 
 def _plain(value: Any) -> Any:

@@ -95,7 +95,8 @@ def paired(
     the two timed back to back in interleaved rounds (about ``benchmark.iterations`` calls each), so a
     slow spell of a shared machine slows both and the ratio the report states is not one of two separate
     runs."""
-    bench = ctx.fields("benchmark").benchmark
+    fields = ctx.fields("benchmark")
+    bench = fields.benchmark
     fp32 = {a.backend: a for a in artifacts if a.precision == "fp32" and a.bench_path is not None}
     finished = []
     for artifact, row in zip(artifacts, rows, strict=True):
@@ -103,9 +104,7 @@ def paired(
         if reference is None or artifact is reference or not row.ok:
             finished.append(row)
             continue
-        key = stage_key(
-            file_key(reference.bench_path), file_key(artifact.bench_path), ctx.fields("benchmark").values
-        )
+        key = stage_key(file_key(reference.bench_path), file_key(artifact.bench_path), fields.values)
 
         def compute(reference: Artifact = reference, candidate: Artifact = artifact) -> dict:
             with (
