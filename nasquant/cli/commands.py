@@ -165,14 +165,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def _cmd_engine(args: argparse.Namespace) -> int:
     from nasquant.artifacts import engine_path
-    from nasquant.export.tensorrt import (
+    from nasquant.export.engine_plan import (
         EngineSettings,
         EngineSource,
         autocast_command,
-        build_engine,
         build_plan,
         trtexec_command,
     )
+    from nasquant.export.tensorrt import build_engine
 
     source = EngineSource.inspect(args.model)
     precision = args.precision or ("int8" if source.precision == "int8" else "fp16")

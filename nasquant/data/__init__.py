@@ -1,6 +1,7 @@
 """Datasets (COCO json, Ultralytics YAML, image folders) and the one preprocessing they all share."""
 
-from nasquant.data.datasets import Batch, DetectionDataset, iter_batches, load_dataset
+from nasquant.data.datasets import iter_batches, load_dataset
+from nasquant.data.detection import Batch, DetectionDataset
 from nasquant.data.preprocess import PROTOCOLS, ImageTransform, Preprocess, preprocess, read_image
 
 __all__ = [

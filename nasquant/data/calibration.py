@@ -12,7 +12,7 @@ import imagehash
 import numpy as np
 from PIL import Image, ImageOps
 
-from nasquant.data.datasets import DEFAULT_WORKERS, DetectionDataset, read_text
+from nasquant.data.detection import DEFAULT_WORKERS, DetectionDataset, read_text
 from nasquant.errors import NasquantError
 from nasquant.io import atomic_path
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import time
 from dataclasses import asdict
 
-from nasquant.data.datasets import DetectionDataset, iter_batches
+from nasquant.data.datasets import iter_batches
+from nasquant.data.detection import DetectionDataset
 from nasquant.data.preprocess import Preprocess
 from nasquant.errors import NasquantError
 from nasquant.eval.coco import coco_detections, evaluate_coco

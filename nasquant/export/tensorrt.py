@@ -1,4 +1,4 @@
-"""TensorRT engines from the exported ONNX: build settings, the builder, and the ``trtexec`` hand-off.
+"""TensorRT engines from the exported ONNX: the builder.
 
 INT8 is *explicit* quantization only: the ``*.int8.trt.onnx`` QDQ graph carries every scale, TensorRT
 fuses Q/DQ into int8 kernels and runs the layers the recipe kept in floating point in FP16 (or
@@ -11,27 +11,23 @@ nasquant therefore knows two typings:
 * ``strong`` (TensorRT 11, optional on 10): the graph is first converted to FP16 by ModelOpt's
   AutoCast (Q/DQ kept), and the builder follows the graph's types exactly.
 
-Everything up to the TensorRT calls is plain data (:class:`EngineSettings` -> :class:`BuildPlan` ->
-builder calls or ``trtexec`` flags), so the mapping from a recipe to a build is tested without a GPU;
-only :func:`build_engine` imports ``tensorrt``, lazily.
+Everything up to the TensorRT calls is plain data (:mod:`nasquant.export.engine_plan`), so the mapping
+from a recipe to a build is tested without a GPU; only :func:`build_engine` imports ``tensorrt``, lazily.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shlex
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from nasquant._version import __version__
 from nasquant.artifacts import (
-    INPUT_NAME,
     KEY_INPUT_SIZE,
     KEY_NAMES,
     KEY_PREPROCESS,
@@ -44,263 +40,8 @@ from nasquant.artifacts import (
 )
 from nasquant.cuda import INSTALL_HINT, CudaRuntime, import_tensorrt
 from nasquant.errors import NasquantError
+from nasquant.export.engine_plan import BuildPlan, EngineSettings, build_plan
 from nasquant.io import atomic_path
-from nasquant.recipe import EnginesSection
-from nasquant.settings import Precision
-
-#: oldest TensorRT nasquant builds with: explicit quantization, the I/O tensor API, IProgressMonitor
-MIN_TENSORRT_MAJOR = 10
-#: first TensorRT major without weak typing (no precision builder flags)
-STRONG_ONLY_MAJOR = 11
-
-_HARDWARE_LEVELS = {"ampere_plus": "AMPERE_PLUS", "same_compute_capability": "SAME_COMPUTE_CAPABILITY"}
-_TRTEXEC_HARDWARE = {"ampere_plus": "ampere+", "same_compute_capability": "sameComputeCapability"}
-
-
-@dataclass(frozen=True)
-class Profile:
-    """The optimization profile of a dynamic-batch engine: input shapes it accepts and is tuned for."""
-
-    input_name: str
-    min: tuple[int, ...]
-    opt: tuple[int, ...]
-    max: tuple[int, ...]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"input": self.input_name, "min": list(self.min), "opt": list(self.opt), "max": list(self.max)}
-
-
-def optimization_profile(
-    *,
-    imgsz: int,
-    batch: int,
-    dynamic_batch: bool,
-    min_batch: int | None = None,
-    opt_batch: int | None = None,
-    max_batch: int | None = None,
-    input_name: str = INPUT_NAME,
-) -> Profile | None:
-    """The profile for a graph exported at ``imgsz`` (None for a static-batch graph: nothing to choose).
-
-    Unset bounds default to the recipe's ``input.batch``; the optimum defaults to it as well, clamped
-    into ``[min, max]``.
-    """
-    given = {"min_batch": min_batch, "opt_batch": opt_batch, "max_batch": max_batch}
-    if not dynamic_batch:
-        ranged = {name: value for name, value in given.items() if value not in (None, batch)}
-        if ranged:
-            names = ", ".join(f"engines.{name}={value}" for name, value in ranged.items())
-            raise NasquantError(
-                f"{names}: the ONNX graph has a fixed batch of {batch}; "
-                "set export.dynamic_batch: true to build an engine for a batch range"
-            )
-        return None
-    low = min_batch if min_batch is not None else min(batch, max_batch or batch)
-    high = max_batch if max_batch is not None else max(batch, low)
-    best = opt_batch if opt_batch is not None else min(max(batch, low), high)
-    if not low <= best <= high:
-        raise NasquantError(f"engines: need min_batch <= opt_batch <= max_batch, got {low} / {best} / {high}")
-    shape = (3, imgsz, imgsz)
-    return Profile(input_name, (low, *shape), (best, *shape), (high, *shape))
-
-
-@dataclass(frozen=True)
-class EngineSettings:
-    """One engine to build: its precision, the batch profile of the ONNX it comes from, and every
-    builder option as the recipe's ``engines`` section holds it (defaults written there once; the
-    CLI fills a section from its flags)."""
-
-    precision: Precision
-    profile: Profile | None = None
-    engines: EnginesSection = field(default_factory=EnginesSection)
-
-    @property
-    def timing_cache(self) -> Path | None:
-        return Path(self.engines.timing_cache) if self.engines.timing_cache else None
-
-
-def engine_settings(
-    engines: EnginesSection, *, precision: Precision, imgsz: int, batch: int, dynamic_batch: bool
-) -> EngineSettings:
-    """The settings for one engine from a recipe's ``engines`` section and its ONNX's batch kind."""
-    profile = optimization_profile(
-        imgsz=imgsz,
-        batch=batch,
-        dynamic_batch=dynamic_batch,
-        min_batch=engines.min_batch,
-        opt_batch=engines.opt_batch,
-        max_batch=engines.max_batch,
-    )
-    return EngineSettings(precision, profile, engines)
-
-
-@dataclass(frozen=True)
-class EngineSource:
-    """What a builder needs to know about an ONNX file before building from it."""
-
-    path: Path
-    imgsz: int
-    batch: int | None
-    """The graph's fixed batch, or None for a dynamic-batch graph."""
-    precision: str
-    """The graph's own precision (``fp32`` or ``int8``), from nasquant's metadata or its Q/DQ nodes."""
-
-    @classmethod
-    def inspect(cls, onnx_path: str | os.PathLike) -> EngineSource:
-        from nasquant.artifacts import KEY_FLAVOR, KEY_PRECISION
-        from nasquant.export.onnx_files import load_onnx
-
-        path = Path(onnx_path)
-        model = load_onnx(path)
-        metadata = {prop.key: prop.value for prop in model.metadata_props}
-        if metadata.get(KEY_FLAVOR) == "cpu":
-            raise NasquantError(
-                f"{path} is the ONNX Runtime CPU flavour (uint8 activations); "
-                "build TensorRT engines from the *.int8.trt.onnx graph"
-            )
-        inputs = [i for i in model.graph.input if i.name == INPUT_NAME]
-        if not inputs:
-            raise NasquantError(f"{path}: no {INPUT_NAME!r} input (not a nasquant export)")
-        dims = inputs[0].type.tensor_type.shape.dim
-        if len(dims) != 4 or not (dims[2].HasField("dim_value") and dims[3].HasField("dim_value")):
-            raise NasquantError(f"{path}: {INPUT_NAME!r} must be N x 3 x H x W with a static H and W")
-        quantized = any(node.op_type == "QuantizeLinear" for node in model.graph.node)
-        precision = metadata.get(KEY_PRECISION) or ("int8" if quantized else "fp32")
-        batch = dims[0].dim_value if dims[0].HasField("dim_value") else None
-        return cls(path, int(dims[2].dim_value), batch, precision)
-
-    def check_precision(self, precision: Precision) -> None:
-        """An INT8 engine needs the QDQ graph (explicit quantization); a float one the float graph."""
-        if precision == "int8" and self.precision != "int8":
-            raise NasquantError(
-                f"{self.path} has no Q/DQ nodes: INT8 engines are built from the quantized *.int8.trt.onnx "
-                "graph (TensorRT has no implicit calibration any more)"
-            )
-        if precision != "int8" and self.precision == "int8":
-            raise NasquantError(f"{self.path} is an INT8 QDQ graph: build it with precision int8")
-
-    def profile(
-        self, min_batch: int | None = None, opt_batch: int | None = None, max_batch: int | None = None
-    ) -> Profile | None:
-        return optimization_profile(
-            imgsz=self.imgsz,
-            batch=self.batch or 1,
-            dynamic_batch=self.batch is None,
-            min_batch=min_batch,
-            opt_batch=opt_batch,
-            max_batch=max_batch,
-        )
-
-
-@dataclass(frozen=True)
-class BuildPlan:
-    """What the builder is told, as plain data: :func:`build_engine` applies it through the TensorRT
-    API and :func:`trtexec_command` spells it as flags. Names are TensorRT enum member names."""
-
-    tensorrt_major: int
-    strongly_typed: bool
-    builder_flags: tuple[str, ...]
-    workspace_bytes: int
-    optimization_level: int
-    hardware_compatibility: str | None
-    dla_core: int | None
-    profile: Profile | None
-    timing_cache: Path | None
-    autocast_fp16: bool
-    """Convert the ONNX to FP16 with ModelOpt AutoCast first (strong typing with FP16 / INT8)."""
-    precision: Precision
-    verbose: bool
-
-
-def build_plan(settings: EngineSettings, *, tensorrt_version: str) -> BuildPlan:
-    """Check ``settings`` against a TensorRT version and decide every builder setting."""
-    major = _major(tensorrt_version)
-    if major < MIN_TENSORRT_MAJOR:
-        raise NasquantError(
-            f"TensorRT {tensorrt_version} is too old: nasquant builds with TensorRT {MIN_TENSORRT_MAJOR} or newer "
-            "(explicit quantization, the I/O tensor API)"
-        )
-    typing = settings.engines.typing
-    if typing == "auto":
-        typing = "strong" if major >= STRONG_ONLY_MAJOR else "weak"
-    if typing == "weak" and major >= STRONG_ONLY_MAJOR:
-        raise NasquantError(
-            f"engines.typing: weak needs TensorRT 10; TensorRT {tensorrt_version} builds strongly typed "
-            "networks only (use typing: strong or auto)"
-        )
-    flags: list[str] = []
-    if typing == "weak":
-        # INT8 enables the Q/DQ graph's int8 kernels; FP16 lets the float layers run in half precision.
-        flags += {"fp32": [], "fp16": ["FP16"], "int8": ["INT8", "FP16"]}[settings.precision]
-    if settings.engines.dla_core is not None:
-        if settings.precision == "fp32":
-            raise NasquantError("engines.dla_core: the DLA runs FP16 or INT8 engines only, not fp32")
-        if settings.engines.hardware_compatibility != "none":
-            raise NasquantError("engines.dla_core: DLA engines cannot be hardware-compatible; set it to none")
-        if settings.engines.gpu_fallback:
-            flags.append("GPU_FALLBACK")
-    return BuildPlan(
-        tensorrt_major=major,
-        strongly_typed=typing == "strong",
-        builder_flags=tuple(flags),
-        workspace_bytes=settings.engines.workspace_mb << 20,
-        optimization_level=settings.engines.optimization_level,
-        hardware_compatibility=_HARDWARE_LEVELS.get(settings.engines.hardware_compatibility),
-        dla_core=settings.engines.dla_core,
-        profile=settings.profile,
-        timing_cache=settings.timing_cache,
-        autocast_fp16=typing == "strong" and settings.precision != "fp32",
-        precision=settings.precision,
-        verbose=settings.engines.verbose,
-    )
-
-
-def trtexec_command(
-    onnx_path: str | os.PathLike,
-    engine_path: str | os.PathLike,
-    settings: EngineSettings,
-    *,
-    tensorrt_version: str = "10",
-) -> str:
-    """The ``trtexec`` line that builds the engine :func:`build_engine` would (for machines, like many
-    Jetson images, without TensorRT's Python package). With strong typing it expects the AutoCast
-    FP16 ONNX (:func:`autocast_command` writes it) instead of ``onnx_path``."""
-    plan = build_plan(settings, tensorrt_version=tensorrt_version)
-    onnx_path = autocast_path(onnx_path) if plan.autocast_fp16 else Path(onnx_path)
-    engine_path = Path(engine_path)
-    words = ["trtexec", f"--onnx={onnx_path}", f"--saveEngine={engine_path}", "--skipInference"]
-    if plan.strongly_typed and plan.tensorrt_major < STRONG_ONLY_MAJOR:
-        words.append("--stronglyTyped")  # always on from TensorRT 11
-    words += [f"--{flag.lower()}" for flag in plan.builder_flags if flag in ("FP16", "INT8")]
-    if plan.profile is not None:
-        for bound in ("min", "opt", "max"):
-            shape = "x".join(str(d) for d in getattr(plan.profile, bound))
-            words.append(f"--{bound}Shapes={plan.profile.input_name}:{shape}")
-    words += [
-        f"--memPoolSize=workspace:{plan.workspace_bytes >> 20}M",
-        f"--builderOptimizationLevel={plan.optimization_level}",
-    ]
-    if plan.hardware_compatibility is not None:
-        words.append(
-            f"--hardwareCompatibilityLevel={_TRTEXEC_HARDWARE[settings.engines.hardware_compatibility]}"
-        )
-    if plan.dla_core is not None:
-        words.append(f"--useDLACore={plan.dla_core}")
-        if "GPU_FALLBACK" in plan.builder_flags:
-            words.append("--allowGPUFallback")
-    if plan.timing_cache is not None:
-        words.append(f"--timingCacheFile={plan.timing_cache}")
-    words += [f"--exportLayerInfo={engine_path.with_suffix('.layers.json')}", "--profilingVerbosity=detailed"]
-    if plan.verbose:
-        words.append("--verbose")
-    return shlex.join(words)
-
-
-def autocast_command(onnx_path: str | os.PathLike) -> str:
-    """The ModelOpt AutoCast line that writes :func:`autocast_path` (the strong-typing FP16 graph)."""
-    words = ["python", "-m", "modelopt.onnx.autocast", f"--onnx_path={onnx_path}"]
-    words += [f"--output_path={autocast_path(onnx_path)}", "--low_precision_type=fp16", "--keep_io_types"]
-    return shlex.join(words)
 
 
 def autocast_fp16(onnx_path: str | os.PathLike, target: str | os.PathLike | None = None) -> Path:
@@ -535,10 +276,3 @@ def _numpy_dtype(trt: Any, engine: Any, name: str) -> str:
     import numpy as np
 
     return np.dtype(trt.nptype(engine.get_tensor_dtype(name))).name
-
-
-def _major(version: str) -> int:
-    try:
-        return int(version.split(".")[0])
-    except ValueError:
-        raise NasquantError(f"cannot read a TensorRT major version from {version!r}") from None

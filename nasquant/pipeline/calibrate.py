@@ -10,7 +10,8 @@ import torch
 
 from nasquant.artifacts import CALIBRATION_LIST_NAME, CALIBRATION_NAME
 from nasquant.data.calibration import check_no_overlap, select_calibration_images, write_image_list
-from nasquant.data.datasets import DetectionDataset, iter_batches, load_dataset
+from nasquant.data.datasets import iter_batches, load_dataset
+from nasquant.data.detection import DetectionDataset
 from nasquant.errors import NasquantError
 from nasquant.pipeline.context import RunContext, cached_stage, stage_key
 from nasquant.pipeline.load import Loaded

@@ -9,12 +9,8 @@ from pathlib import Path
 
 from nasquant.artifacts import engine_path, sidecar_path
 from nasquant.cuda import tensorrt_unavailable
-from nasquant.export.tensorrt import (
-    EngineSettings,
-    EngineSource,
-    build_engine,
-    engine_settings,
-)
+from nasquant.export.engine_plan import EngineSettings, EngineSource, engine_settings
+from nasquant.export.tensorrt import build_engine
 from nasquant.pipeline.context import RecipeFields, RunContext, cached_stage, file_key, stage_key
 from nasquant.pipeline.export import Artifact, Exported
 from nasquant.report import ReportRow

@@ -6,7 +6,8 @@ import time
 from dataclasses import dataclass
 
 from nasquant.api import NAS
-from nasquant.data.datasets import DetectionDataset, load_dataset
+from nasquant.data.datasets import load_dataset
+from nasquant.data.detection import DetectionDataset
 from nasquant.data.preprocess import Preprocess
 from nasquant.errors import NasquantError
 from nasquant.pipeline.context import RunContext, stage_key

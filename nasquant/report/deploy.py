@@ -14,7 +14,7 @@ from pathlib import Path
 
 from nasquant.artifacts import DEPLOY_MD, INPUT_NAME, OUTPUT_NAMES, engine_path
 from nasquant.data.preprocess import Preprocess
-from nasquant.export.tensorrt import (
+from nasquant.export.engine_plan import (
     EngineSettings,
     autocast_command,
     trtexec_command,

@@ -106,7 +106,7 @@ def optimized_op_types(
 ) -> Counter[str]:
     """Op types of the graph ONNX Runtime's CPU provider actually executes after its optimizations.
 
-    An INT8 model whose Q/DQ pairs ORT fused shows integer kernels (see :data:`INTEGER_OPS`); one
+    An INT8 model whose Q/DQ pairs ORT fused shows integer kernels (QLinearConv, QLinearAdd, ...); one
     that still lists only Conv + QuantizeLinear/DequantizeLinear runs fake-quant float math.
     """
     path = Path(path)

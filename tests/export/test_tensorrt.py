@@ -18,17 +18,17 @@ from nasquant.cuda import tensorrt_unavailable
 from nasquant.data.preprocess import preprocess, read_image
 from nasquant.errors import NasquantError
 from nasquant.export import count_qdq
-from nasquant.export.tensorrt import (
+from nasquant.export.engine_plan import (
     EngineSettings,
     EngineSource,
     Profile,
     autocast_command,
-    autocast_fp16,
     build_plan,
     engine_settings,
     optimization_profile,
     trtexec_command,
 )
+from nasquant.export.tensorrt import autocast_fp16
 from nasquant.recipe import EnginesSection, load_recipe
 from nasquant.runtime import OnnxRuntimeBackend
 from tests.conftest import IMGSZ

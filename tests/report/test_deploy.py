@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from nasquant.data.preprocess import Preprocess
-from nasquant.export.tensorrt import EngineSettings, Profile
+from nasquant.export.engine_plan import EngineSettings, Profile
 from nasquant.report.deploy import render_deploy_guide
 from nasquant.settings import NMSSettings
 

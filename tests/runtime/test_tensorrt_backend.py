@@ -21,7 +21,8 @@ from nasquant.data.preprocess import preprocess, read_image
 from nasquant.errors import NasquantError
 from nasquant.eval.validate import validate
 from nasquant.export import export_onnx
-from nasquant.export.tensorrt import EngineSettings, EngineSource, build_engine
+from nasquant.export.engine_plan import EngineSettings, EngineSource
+from nasquant.export.tensorrt import build_engine
 from nasquant.runtime import OnnxRuntimeBackend, open_backend
 from nasquant.runtime.tensorrt_backend import TensorRTBackend
 from tests.crafted import fake_engine
