@@ -1,7 +1,7 @@
 """ONNX export: FP32 and INT8 (ModelOpt Q/DQ) graphs and the two INT8 flavours. The metadata keys and
 I/O names they carry are the artifact contract, in :mod:`nasquant.artifacts`."""
 
-from nasquant.export.conv_layouts import pixel_shuffle_upsampling, space_to_depth_input_convs
+from nasquant.export.conv_layouts import space_to_depth_input_convs
 from nasquant.export.graph import count_qdq
 from nasquant.export.onnx import export_onnx
 from nasquant.export.onnx_files import load_onnx, save_onnx, set_metadata
@@ -22,7 +22,6 @@ __all__ = [
     "drop_requantization",
     "fold_relu_into_quantize",
     "fold_scalar_multipliers",
-    "pixel_shuffle_upsampling",
     "quantize_outputs",
     "save_onnx",
     "set_metadata",

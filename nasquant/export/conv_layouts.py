@@ -1,12 +1,12 @@
-"""Layouts that give ONNX Runtime's CPU provider integer kernels where the graph has none, part of
-the CPU INT8 flavour (:mod:`nasquant.export.qdq` applies them in order):
+"""A layout that gives ONNX Runtime's CPU provider a fast integer kernel where the graph's own is slow,
+part of the CPU INT8 flavour (:mod:`nasquant.export.qdq` applies it in order): a strided conv on a
+few-channel input (the RGB stem) reads it through SpaceToDepth as a stride-1 conv with rearranged int8
+weights, the same sums on a kernel that is fast for many channels.
 
-* a quantized upsampling ConvTranspose (kernel = stride, no padding) becomes a 1x1 Conv with ``k*k``
-  times the output channels, a Q/DQ pair on the output grid, and DepthToSpace: the same int8 weights
-  and grid rearranged (ORT has no integer ConvTranspose on CPU, but an integer Conv and a
-  DepthToSpace that moves uint8 values);
-* a strided conv on a few-channel input (the RGB stem) reads it through SpaceToDepth as a stride-1
-  conv with rearranged int8 weights: the same sums on a kernel that is fast for many channels.
+Only what measurably pays stays here (``benchmarks/ort_quantizer.md``): the stem's kernels take 1.0
+instead of 1.9 ms per call at 640 on a 2-core EPYC (1.2 instead of 5.0 on a Xeon). Rewriting the
+neck's upsampling ConvTransposes as an integer 1x1 conv + DepthToSpace saved nothing (0.97 vs 0.99
+ms: ORT's uint8 DepthToSpace costs what the float ConvTranspose does) and was removed.
 """
 
 from __future__ import annotations
@@ -20,119 +20,11 @@ from nasquant.export.graph import (
     consumer_index,
     forget_value_info,
     producer_index,
-    quantizer_axis,
     remove_dead_nodes,
     rewritten,
     splice,
     unique_name,
 )
-
-
-def pixel_shuffle_upsampling(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` where each quantized upsampling ConvTranspose is a Conv and a DepthToSpace.
-
-    A ConvTranspose whose kernel equals its stride (no padding, dilation or groups) writes each input
-    pixel's ``k x k`` output block independently: ``y[o, k*i + a, k*j + b] = sum_c x[c, i, j] *
-    w[c, o, a, b] + bias[o]``. That is a 1x1 Conv with output channel ``o*k*k + a*k + b`` followed by
-    DepthToSpace(k, "CRD"). The int8 weight values and the per-output-channel scales move with their
-    channel, and the output quantizer (which :func:`quantize_outputs` put there) is copied in front of
-    the DepthToSpace, which only moves values: the result is the ConvTranspose's up to the float
-    summation order, and on ONNX Runtime's CPU provider it runs as QLinearConv on integers.
-    """
-    return rewritten(model, apply_pixel_shuffle_upsampling)
-
-
-def apply_pixel_shuffle_upsampling(model: onnx.ModelProto) -> None:
-    graph = model.graph
-    values = constant_values(graph)
-    producers = producer_index(graph)
-    consumers = consumer_index(graph)
-    taken = set(values) | set(producers)
-    replaced: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        block = _upsampling_block(node)
-        users = consumers[node.output[0]]
-        if block is None or len(users) != 1 or users[0].op_type != "QuantizeLinear":
-            continue
-        weight_q = _constant_quantizer(producers.get(node.input[1]), producers, values)
-        if (
-            weight_q is None
-            or (len(node.input) > 2 and node.input[2] and node.input[2] not in values)
-            or (
-                values[weight_q.input[1]].size > 1 and quantizer_axis(weight_q) != 1
-            )  # per output channel only
-        ):
-            continue
-        replaced[node.output[0]] = _PixelShuffle(graph, values, taken, node, block).nodes(weight_q, users[0])
-    if replaced:
-        splice(graph, replaced)
-        remove_dead_nodes(graph)
-
-
-class _PixelShuffle:
-    """The Conv + DepthToSpace nodes (and their new constants) that replace one upsampling ConvTranspose."""
-
-    def __init__(
-        self,
-        graph: onnx.GraphProto,
-        values: dict[str, np.ndarray],
-        taken: set[str],
-        node: onnx.NodeProto,
-        block: int,
-    ) -> None:
-        self.graph, self.values, self.taken, self.node, self.block = graph, values, taken, node, block
-        self.prefix = f"{node.name or node.output[0]}/pixel_shuffle"
-
-    def nodes(self, weight_q: onnx.NodeProto, output_q: onnx.NodeProto) -> list[onnx.NodeProto]:
-        node, copies = self.node, self.block * self.block
-        weight = self.values[weight_q.input[0]]
-        cin, cout = weight.shape[:2]
-        conv_weight = self._constant("weight", weight.transpose(1, 2, 3, 0).reshape(cout * copies, cin, 1, 1))
-        scale, zero = self._per_output(weight_q.input[1]), self._per_output(weight_q.input[2])
-        axis = {"axis": 0} if self.values[weight_q.input[1]].size > 1 else {}
-        quantized_weight, dequantized_weight, conv_out, conv_q, conv_dq = (
-            unique_name(self.taken, f"{self.prefix}/{stem}")
-            for stem in ("weight_quantized", "weight_dequantized", "conv_output", "quantized", "dequantized")
-        )
-        conv_inputs = [node.input[0], dequantized_weight]
-        if len(node.input) > 2 and node.input[2]:
-            conv_inputs.append(self._constant("bias", np.repeat(self.values[node.input[2]], copies)))
-        grid = list(output_q.input[1:])
-        return [
-            onnx.helper.make_node("QuantizeLinear", [conv_weight, scale, zero], [quantized_weight], **axis),
-            onnx.helper.make_node(
-                "DequantizeLinear", [quantized_weight, scale, zero], [dequantized_weight], **axis
-            ),
-            onnx.helper.make_node(
-                "Conv", conv_inputs, [conv_out], name=f"{self.prefix}/Conv", kernel_shape=[1, 1]
-            ),
-            onnx.helper.make_node(
-                "QuantizeLinear", [conv_out, *grid], [conv_q], name=f"{self.prefix}/QuantizeLinear"
-            ),
-            onnx.helper.make_node(
-                "DequantizeLinear", [conv_q, *grid], [conv_dq], name=f"{self.prefix}/DequantizeLinear"
-            ),
-            onnx.helper.make_node(
-                "DepthToSpace",
-                [conv_dq],
-                [node.output[0]],
-                name=f"{self.prefix}/DepthToSpace",
-                blocksize=self.block,
-                mode="CRD",
-            ),
-        ]
-
-    def _constant(self, stem: str, array: np.ndarray) -> str:
-        name = unique_name(self.taken, f"{self.prefix}/{stem}")
-        self.graph.initializer.append(numpy_helper.from_array(array, name))
-        return name
-
-    def _per_output(self, name: str) -> str:
-        """A per-output-channel constant repeated for the ``k*k`` Conv channels of each output channel."""
-        array = self.values[name]
-        if array.size == 1:
-            return name
-        return self._constant(name.rsplit("/", 1)[-1], np.repeat(array, self.block * self.block))
 
 
 def space_to_depth_input_convs(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -260,27 +152,3 @@ def _blocks_conv(
                 :, :, ty, tx
             ]
     return stride, block_pads, blocks_weight
-
-
-def _upsampling_block(node: onnx.NodeProto) -> int | None:
-    """``k`` for a 2-D ConvTranspose with kernel = stride = ``k`` and no padding, dilation or groups."""
-    if node.op_type != "ConvTranspose":
-        return None
-    attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-    kernel = list(attributes.get("kernel_shape", []))
-    neutral = (
-        list(attributes.get("dilations", [1, 1])) == [1, 1]
-        and attributes.get("group", 1) == 1
-        and not any(attributes.get("pads", []))
-        and not any(attributes.get("output_padding", []))
-        and "output_shape" not in attributes
-        and attributes.get("auto_pad", b"NOTSET") == b"NOTSET"
-    )
-    if (
-        not neutral
-        or len(kernel) != 2
-        or kernel != list(attributes.get("strides", []))
-        or kernel[0] != kernel[1]
-    ):
-        return None
-    return int(kernel[0]) if kernel[0] > 1 else None
