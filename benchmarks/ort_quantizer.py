@@ -52,6 +52,7 @@ from nasquant.bench import host_info
 from nasquant.bench.latency import paired_speedup
 from nasquant.data.calibration import select_calibration_images
 from nasquant.data.datasets import iter_batches, load_dataset
+from nasquant.data.detection import DetectionDataset
 from nasquant.errors import NasquantError
 from nasquant.export import conv_layouts, graph, qdq
 from nasquant.export.graph import constant_values, producer_index, quantizer_axis, rewritten
@@ -109,6 +110,8 @@ def modelopt_ranges(
             dequantize = producers.get(name)
             if dequantize is None or dequantize.op_type != "DequantizeLinear":
                 continue
+            if not quantized or quantized[-1] != node.name:
+                quantized.append(node.name)
             quantize = producers[dequantize.input[0]]
             scale, zero = values[dequantize.input[1]], values[dequantize.input[2]]
             tensor = fp32_nodes[node.name].input[index]
@@ -133,11 +136,6 @@ def modelopt_ranges(
                     "quant_type": QuantType.QUInt8,
                 }
             ]
-        if any(
-            producers.get(name) is not None and producers[name].op_type == "DequantizeLinear"
-            for name in node.input
-        ):
-            quantized.append(node.name)
     return ModelOptRanges(overrides, quantized)
 
 
@@ -284,6 +282,105 @@ def _layer_kernel_ms(path: Path, layers: tuple[str, ...], work: Path, calls: int
     return sum(float(np.median(durations[calls // 4 :])) for durations in per_node.values()) / 1000
 
 
+def _candidates(
+    work: Path, fp32: dict[str, Path], trt: dict[str, Path], passes: dict[str, Path], chosen: DetectionDataset
+) -> tuple[list[Candidate], dict[str, dict[str, list[dict]]]]:
+    """Every CPU INT8 graph compared, built into ``work``, and the overrides each ORT graph was given."""
+    candidates = [Candidate("nasquant passes", passes)]
+    kept = [
+        step for step in qdq.CPU_FLAVOR_PASSES if step is not conv_layouts.apply_space_to_depth_input_convs
+    ]
+    graphs = {
+        size: save_onnx(rewritten(load_onnx(path), *kept), work / f"no_space_to_depth.{size}.onnx")
+        for size, path in trt.items()
+    }
+    candidates.append(Candidate("nasquant passes − space-to-depth stem", graphs, layers=STEM))
+    overrides: dict[str, dict[str, list[dict]]] = {}
+    for label, grids, feeding in (
+        ("ORT quantize_static, ModelOpt's ops", _modelopt_grids, False),
+        ("ORT quantize_static, + ops between them", _modelopt_grids, True),
+        ("ORT quantize_static, fed nasquant's grids", _nasquant_grids, True),
+    ):
+        graphs = {}
+        for size in ("val", "bench"):
+            fp32_model = load_onnx(fp32[size])
+            ranges = modelopt_ranges(fp32_model, grids(load_onnx(trt[size])), relu_from_zero=feeding)
+            ops = with_feeding_ops(fp32_model, ranges.quantized_ops) if feeding else ranges.quantized_ops
+            spec = NAS(fp32[size]).preprocessing()
+            graphs[size] = ort_quantized(
+                fp32[size],
+                ranges,
+                ops,
+                lambda spec=spec: iter_batches(chosen, spec, 1, progress=f"ORT calibration {spec.imgsz}"),
+                work / f"ort_{len(candidates)}.{size}.onnx",
+            )
+            overrides[label] = ranges.overrides  # the val graph's names are the bench graph's
+        candidates.append(Candidate(label, graphs))
+    return candidates, overrides
+
+
+def _measure_accuracy(
+    candidates: list[Candidate],
+    overrides: dict[str, dict[str, list[dict]]],
+    fp32: dict[str, Path],
+    trt: dict[str, Path],
+    validation: str,
+) -> tuple[float, float]:
+    """Fill each candidate's mAP, agreement, provenance, kernels and size; return FP32's and the
+    TensorRT flavour's mAP."""
+    val_spec = NAS(fp32["val"]).preprocessing()
+    sample = load_dataset(validation)
+    sample_images = np.concatenate(
+        [b.images for b in iter_batches(sample, val_spec, 8)][: AGREEMENT_IMAGES // 8]
+    )
+    reference_boxes, reference_scores = _outputs(trt["val"], sample_images)
+    confident = reference_scores.max(axis=-1) >= CONFIDENT_SCORE
+    for candidate in candidates:
+        print(f"-- {candidate.name}", flush=True)
+        candidate.map50_95 = NAS(candidate.graphs["val"]).val(validation, progress=False)["map50_95"]
+        boxes, scores = _outputs(candidate.graphs["val"], sample_images)
+        candidate.score_max_diff = float(np.abs(scores - reference_scores).max())
+        candidate.score_mean_diff = float(np.abs(scores - reference_scores).mean())
+        candidate.box_max_diff_px = float(np.abs(boxes - reference_boxes)[confident].max())
+        candidate.activation_quantizers, candidate.modelopt_ranges = _quantizer_provenance(
+            candidate.graphs["val"], overrides.get(candidate.name)
+        )
+        kernels = optimized_op_types(candidate.graphs["bench"], threads=2)
+        candidate.integer_kernels = sum(kernels[op] for op in INTEGER_KERNELS)
+        candidate.float_convs = kernels["Conv"] + kernels["ConvTranspose"] + kernels["FusedConv"]
+        candidate.size_mb = candidate.graphs["bench"].stat().st_size / 1e6
+    fp32_map = NAS(fp32["val"]).val(validation, progress=False)["map50_95"]
+    trt_map = NAS(trt["val"]).val(validation, progress=False)["map50_95"]
+    return fp32_map, trt_map
+
+
+def _measure_speed(
+    candidates: list[Candidate], fp32: dict[str, Path], passes: dict[str, Path], rounds: int, work: Path
+) -> None:
+    """Per-layer kernel time where a rewrite was left out, then paired speed vs FP32 and vs the passes."""
+    for candidate in candidates:
+        if candidate.layers:
+            candidate.layer_ms_with_rewrite = _layer_kernel_ms(passes["bench"], candidate.layers, work)
+            candidate.layer_ms_without = _layer_kernel_ms(candidate.graphs["bench"], candidate.layers, work)
+    with (
+        open_backend(fp32["bench"], threads=2) as fp32_backend,
+        open_backend(passes["bench"], threads=2) as ours,
+    ):
+        for candidate in candidates:
+            with open_backend(candidate.graphs["bench"], threads=2) as backend:
+                vs_fp32 = paired_speedup(fp32_backend, backend, imgsz=640, rounds=rounds)
+                candidate.speedup_vs_fp32, candidate.speedup_vs_fp32_iqr = (
+                    vs_fp32.median,
+                    (vs_fp32.q1, vs_fp32.q3),
+                )
+                if candidate.graphs["bench"] != passes["bench"]:
+                    vs_ours = paired_speedup(ours, backend, imgsz=640, rounds=rounds)
+                    candidate.speed_vs_passes, candidate.speed_vs_passes_iqr = (
+                        vs_ours.median,
+                        (vs_ours.q1, vs_ours.q3),
+                    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, default=ROOT / "runs" / "shapes_s_int8")
@@ -307,87 +404,10 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="nasquant-ortq-") as folder:
         work = Path(folder)
-        candidates = [Candidate("nasquant passes", passes)]
-        kept = [
-            step
-            for step in qdq.CPU_FLAVOR_PASSES
-            if step is not conv_layouts.apply_space_to_depth_input_convs
-        ]
-        graphs = {
-            size: save_onnx(rewritten(load_onnx(path), *kept), work / f"no_space_to_depth.{size}.onnx")
-            for size, path in trt.items()
-        }
-        candidates.append(Candidate("nasquant passes − space-to-depth stem", graphs, layers=STEM))
-        overrides: dict[str, dict[str, list[dict]]] = {}
-        for label, grids, feeding in (
-            ("ORT quantize_static, ModelOpt's ops", _modelopt_grids, False),
-            ("ORT quantize_static, + ops between them", _modelopt_grids, True),
-            ("ORT quantize_static, fed nasquant's grids", _nasquant_grids, True),
-        ):
-            graphs = {}
-            for size in ("val", "bench"):
-                fp32_model = load_onnx(fp32[size])
-                ranges = modelopt_ranges(fp32_model, grids(load_onnx(trt[size])), relu_from_zero=feeding)
-                ops = with_feeding_ops(fp32_model, ranges.quantized_ops) if feeding else ranges.quantized_ops
-                spec = NAS(fp32[size]).preprocessing()
-                graphs[size] = ort_quantized(
-                    fp32[size],
-                    ranges,
-                    ops,
-                    lambda spec=spec: iter_batches(chosen, spec, 1, progress=f"ORT calibration {spec.imgsz}"),
-                    work / f"ort_{len(candidates)}.{size}.onnx",
-                )
-                overrides[label] = ranges.overrides  # the val graph's names are the bench graph's
-            candidates.append(Candidate(label, graphs))
-
-        val_spec = NAS(fp32["val"]).preprocessing()
-        sample = load_dataset(validation)
-        sample_images = np.concatenate(
-            [b.images for b in iter_batches(sample, val_spec, 8)][: AGREEMENT_IMAGES // 8]
-        )
-        reference_boxes, reference_scores = _outputs(trt["val"], sample_images)
-        confident = reference_scores.max(axis=-1) >= CONFIDENT_SCORE
-        fp32_map = NAS(fp32["val"]).val(validation, progress=False)["map50_95"]
-        trt_map = NAS(trt["val"]).val(validation, progress=False)["map50_95"]
-        for candidate in candidates:
-            print(f"-- {candidate.name}", flush=True)
-            candidate.map50_95 = NAS(candidate.graphs["val"]).val(validation, progress=False)["map50_95"]
-            boxes, scores = _outputs(candidate.graphs["val"], sample_images)
-            candidate.score_max_diff = float(np.abs(scores - reference_scores).max())
-            candidate.score_mean_diff = float(np.abs(scores - reference_scores).mean())
-            candidate.box_max_diff_px = float(np.abs(boxes - reference_boxes)[confident].max())
-            candidate.activation_quantizers, candidate.modelopt_ranges = _quantizer_provenance(
-                candidate.graphs["val"], overrides.get(candidate.name)
-            )
-            kernels = optimized_op_types(candidate.graphs["bench"], threads=2)
-            candidate.integer_kernels = sum(kernels[op] for op in INTEGER_KERNELS)
-            candidate.float_convs = kernels["Conv"] + kernels["ConvTranspose"] + kernels["FusedConv"]
-            candidate.size_mb = candidate.graphs["bench"].stat().st_size / 1e6
-
+        candidates, overrides = _candidates(work, fp32, trt, passes, chosen)
+        fp32_map, trt_map = _measure_accuracy(candidates, overrides, fp32, trt, validation)
         # Timing last, after every other heavy step, one measurement at a time.
-        for candidate in candidates:
-            if candidate.layers:
-                candidate.layer_ms_with_rewrite = _layer_kernel_ms(passes["bench"], candidate.layers, work)
-                candidate.layer_ms_without = _layer_kernel_ms(
-                    candidate.graphs["bench"], candidate.layers, work
-                )
-        with (
-            open_backend(fp32["bench"], threads=2) as fp32_backend,
-            open_backend(passes["bench"], threads=2) as ours,
-        ):
-            for candidate in candidates:
-                with open_backend(candidate.graphs["bench"], threads=2) as backend:
-                    vs_fp32 = paired_speedup(fp32_backend, backend, imgsz=640, rounds=args.rounds)
-                    candidate.speedup_vs_fp32, candidate.speedup_vs_fp32_iqr = (
-                        vs_fp32.median,
-                        (vs_fp32.q1, vs_fp32.q3),
-                    )
-                    if candidate.graphs["bench"] != passes["bench"]:
-                        vs_ours = paired_speedup(ours, backend, imgsz=640, rounds=args.rounds)
-                        candidate.speed_vs_passes, candidate.speed_vs_passes_iqr = (
-                            vs_ours.median,
-                            (vs_ours.q1, vs_ours.q3),
-                        )
+        _measure_speed(candidates, fp32, passes, args.rounds, work)
 
     own_lines = sum(code_lines(inspect.getsource(module)) for module in (qdq, conv_layouts, graph))
     bridge_lines = sum(code_lines(inspect.getsource(part)) for part in BRIDGE)

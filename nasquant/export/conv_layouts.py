@@ -3,8 +3,8 @@ part of the CPU INT8 flavour (:mod:`nasquant.export.qdq` applies it in order): a
 few-channel input (the RGB stem) reads it through SpaceToDepth as a stride-1 conv with rearranged int8
 weights, the same sums on a kernel that is fast for many channels.
 
-Only what measurably pays stays here (``benchmarks/ort_quantizer.md``): the stem's kernels take 1.2
-instead of 2.0 ms per call at 640 on a 2-core EPYC (1.2 instead of 5.0 on a Xeon). Rewriting the
+Only what measurably pays stays here (``benchmarks/ort_quantizer.md``): the stem's kernels take 1.0–1.2
+instead of ≈ 1.9 ms per call at 640 on a 2-core EPYC (1.2 instead of 5.0 on a Xeon). Rewriting the
 neck's upsampling ConvTransposes as an integer 1x1 conv + DepthToSpace saved nothing (0.97 vs 0.99
 ms: ORT's uint8 DepthToSpace costs what the float ConvTranspose does) and was removed.
 """
