@@ -112,10 +112,10 @@ def modelopt_ranges(
                 continue
             if not quantized or quantized[-1] != node.name:
                 quantized.append(node.name)
-            quantize = producers[dequantize.input[0]]
+            quantize = producers.get(dequantize.input[0])  # None: int8 weights stored as such
             scale, zero = values[dequantize.input[1]], values[dequantize.input[2]]
             tensor = fp32_nodes[node.name].input[index]
-            if quantize.input[0] in values:  # a weight: one override per output channel
+            if quantize is None or quantize.input[0] in values:  # a weight: one override per output channel
                 overrides[tensor] = [
                     {
                         "axis": quantizer_axis(dequantize),

@@ -20,6 +20,7 @@ from nasquant.export.graph import (
     consumer_index,
     forget_value_info,
     producer_index,
+    quantizer_zero_point,
     remove_dead_nodes,
     rewritten,
     splice,
@@ -63,11 +64,11 @@ def apply_space_to_depth_input_convs(model: onnx.ModelProto) -> None:
         data_dq, weight_dq = (producers.get(name) for name in node.input[:2])
         if data_dq is None or data_dq.op_type != "DequantizeLinear":
             continue
-        weight_q = _constant_quantizer(weight_dq, producers, values)
+        holder = _weight_holder(weight_dq, producers, values)
         per_tensor = values.get(data_dq.input[1]) is not None and values[data_dq.input[1]].size == 1
-        if weight_q is None or not per_tensor or len(consumers[data_dq.output[0]]) != 1:
+        if holder is None or not per_tensor or len(consumers[data_dq.output[0]]) != 1:
             continue
-        weight = values[weight_q.input[0]]
+        weight = values[holder.input[0]]
         blocks = _blocks_conv(node, weight, shapes.get(data_dq.input[0], []))
         if blocks is None or weight.shape[1] > _FEW_CHANNELS:
             continue
@@ -82,10 +83,10 @@ def apply_space_to_depth_input_convs(model: onnx.ModelProto) -> None:
         )
         inserted[data_dq.output[0]] = [space_to_depth, data_dq]
         data_dq.input[0] = moved
-        reshaped.update((data_dq.output[0], weight_q.output[0], weight_dq.output[0]))
-        weight_name = unique_name(taken, f"{weight_q.input[0]}_space_to_depth")
+        reshaped.update((data_dq.output[0], holder.output[0], weight_dq.output[0]))
+        weight_name = unique_name(taken, f"{holder.input[0]}_space_to_depth")
         graph.initializer.append(numpy_helper.from_array(blocks_weight, weight_name))
-        weight_q.input[0] = weight_name
+        holder.input[0] = weight_name
         attributes = {"kernel_shape": list(blocks_weight.shape[2:]), "strides": [1, 1], "pads": pads}
         kept = [a for a in node.attribute if a.name not in attributes]
         del node.attribute[:]
@@ -95,12 +96,18 @@ def apply_space_to_depth_input_convs(model: onnx.ModelProto) -> None:
     remove_dead_nodes(graph)  # the conv's original float weight, which nothing reads now
 
 
-def _constant_quantizer(
+def _weight_holder(
     dequantize: onnx.NodeProto | None, producers: dict[str, onnx.NodeProto], values: dict[str, np.ndarray]
 ) -> onnx.NodeProto | None:
-    """The QuantizeLinear of a constant that ``dequantize`` reads, if it reads one (ModelOpt's weights)."""
+    """The node that reads the constant weight ``dequantize`` dequantizes, if it is one: the DQ itself
+    for int8 weights, or ModelOpt's QuantizeLinear of float weights. Either way a zero weight (the
+    rearrangement's padding) is the quantized zero: int8 weights have zero point 0 here, and a float 0
+    quantizes to the zero point."""
     if dequantize is None or dequantize.op_type != "DequantizeLinear":
         return None
+    if dequantize.input[0] in values:
+        zero = quantizer_zero_point(dequantize, values)
+        return dequantize if zero is None or not zero.any() else None
     quantize = producers.get(dequantize.input[0])
     if quantize is None or quantize.op_type != "QuantizeLinear" or quantize.input[0] not in values:
         return None

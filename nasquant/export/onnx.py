@@ -5,10 +5,16 @@ pixels and ``scores`` (N, A, C), the same contract as :class:`nasquant.runtime.B
 facts about the artifact (class names, input size, precision, ...) travel in the file's
 ``metadata_props`` under the ``nasquant.*`` keys of :mod:`nasquant.artifacts`, so any runtime can read
 them back.
+
+A quantized graph stores its weights as int8 initializers read by DequantizeLinear (ModelOpt's
+``qdq_to_dq``), the explicit-quantization pattern TensorRT and ONNX Runtime both take: a quarter of
+the bytes of float weights quantized at load time, and the same int8 values, so the same outputs.
 """
 
 from __future__ import annotations
 
+import copy
+import logging
 import os
 import warnings
 from collections.abc import Iterator, Mapping
@@ -46,6 +52,7 @@ def export_onnx(
     opset: int = 17,
     metadata: Mapping[str, str] | None = None,
     simplify: bool = False,
+    int8_weights: bool = True,
 ) -> Path:
     """Write ``model`` as a checked ONNX graph at ``path``; return the path.
 
@@ -53,6 +60,8 @@ def export_onnx(
     values must be strings; the input size, nasquant version and precision (``int8`` when the graph
     holds QuantizeLinear nodes, else ``fp32``, unless given) are recorded by the export itself.
     ``simplify`` constant-folds and cleans the graph with onnxslim, keeping every Q/DQ node.
+    ``int8_weights`` stores a quantized graph's weights as int8 (bit-identical outputs, tested); off,
+    they stay float initializers behind a QuantizeLinear, as ModelOpt's exporter writes them.
     """
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise NasquantError(
@@ -69,6 +78,8 @@ def export_onnx(
         graph = onnx.load(str(tmp))
         if simplify:
             graph = _simplify(graph)
+        if int8_weights and _has_op(graph, "QuantizeLinear"):
+            graph = store_int8_weights(graph)
         facts = {
             KEY_VERSION: __version__,
             KEY_PRECISION: "int8" if _has_op(graph, "QuantizeLinear") else "fp32",
@@ -136,6 +147,24 @@ def _simplify(model: onnx.ModelProto) -> onnx.ModelProto:
             f"graph simplification changed the Q/DQ nodes ({before} -> {after}); export with simplify off"
         )
     return simplified
+
+
+def store_int8_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` whose quantized weights are int8 initializers feeding DequantizeLinear.
+
+    ModelOpt's ``qdq_to_dq`` computes them as QuantizeLinear does (float32 division by the per-channel
+    scale, rounding half to even, saturation) and drops the weight QuantizeLinear nodes; activation
+    quantizers are untouched.
+    """
+    from modelopt.onnx.quantization.qdq_utils import qdq_to_dq
+
+    converter_log = logging.getLogger("modelopt.onnx")
+    level = converter_log.level
+    converter_log.setLevel(logging.WARNING)  # it logs every conversion at INFO
+    try:
+        return qdq_to_dq(copy.deepcopy(model))
+    finally:
+        converter_log.setLevel(level)
 
 
 def _has_op(model: onnx.ModelProto, op_type: str) -> bool:

@@ -59,8 +59,9 @@ def _values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
 def _is_weight(node: onnx.NodeProto, model: onnx.ModelProto) -> bool:
     initializers = {init.name for init in model.graph.initializer}
     producers = {out: n for n in model.graph.node for out in n.output}
-    source = node.input[0] if node.op_type == "QuantizeLinear" else producers[node.input[0]].input[0]
-    return source in initializers
+    if node.op_type == "DequantizeLinear" and node.input[0] in producers:
+        node = producers[node.input[0]]  # its QuantizeLinear: of a float weight, or of an activation
+    return node.input[0] in initializers  # a float weight, or an int8 one stored as such
 
 
 def test_every_graph_has_the_lowest_ir_version_its_opsets_allow(
@@ -75,8 +76,9 @@ def test_every_graph_has_the_lowest_ir_version_its_opsets_allow(
 
 def test_tensorrt_flavor_is_modelopts_signed_qdq(flavors: dict[str, Path]) -> None:
     model = onnx.load(str(flavors["trt"]))
+    # Weights are int8 initializers read by their DequantizeLinear: no QuantizeLinear of their own.
     assert count_qdq(model) == {
-        "QuantizeLinear": WEIGHT_QDQ + ACTIVATION_QDQ,
+        "QuantizeLinear": ACTIVATION_QDQ,
         "DequantizeLinear": WEIGHT_QDQ + ACTIVATION_QDQ,
         "weight_dq": WEIGHT_QDQ,
         "activation_dq": ACTIVATION_QDQ,
@@ -86,6 +88,27 @@ def test_tensorrt_flavor_is_modelopts_signed_qdq(flavors: dict[str, Path]) -> No
         values[n.input[2]].dtype == np.int8 and not values[n.input[2]].any() for n in _qdq_nodes(model)
     )
     assert read_metadata(flavors["trt"])[KEY_PRECISION] == "int8"
+
+
+def test_int8_weight_storage_is_bit_identical_and_a_quarter_of_the_bytes(
+    calibrated: torch.nn.Module, flavors: dict[str, Path], fp32_onnx: Path, tmp_path: Path
+) -> None:
+    floating = export_onnx(
+        calibrated, tmp_path / "float.trt.onnx", imgsz=IMGSZ, dynamic_batch=True, int8_weights=False
+    )
+    float_flavors = {"trt": floating, "cpu": write_cpu_flavor(floating, tmp_path / "float.cpu.onnx")}
+    assert count_qdq(onnx.load(str(floating)))["QuantizeLinear"] == WEIGHT_QDQ + ACTIVATION_QDQ
+    images = np.random.default_rng(2).random((2, 3, IMGSZ, IMGSZ), dtype=np.float32)
+    for flavor, stored in flavors.items():
+        weights = [i for i in onnx.load(str(stored)).graph.initializer if i.name.endswith(".weight")]
+        assert weights and all(w.data_type == TensorProto.INT8 for w in weights), flavor
+        # every quantized layer here (all-layers INT8): int8 weights are most of the file
+        assert stored.stat().st_size <= 0.30 * fp32_onnx.stat().st_size, flavor
+        for level in ("all", "disable"):  # fused integer kernels, and the plain Q/DQ reference
+            got = OnnxRuntimeBackend(stored, optimization_level=level).run(images)
+            want = OnnxRuntimeBackend(float_flavors[flavor], optimization_level=level).run(images)
+            np.testing.assert_array_equal(got[0], want[0])
+            np.testing.assert_array_equal(got[1], want[1])
 
 
 def test_to_uint8_activations_shifts_only_activation_zero_points(flavors: dict[str, Path]) -> None:
