@@ -73,11 +73,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # a usage error (2), --help or --version (0): argparse printed it
         return exc.code if isinstance(exc.code, int) else 2
 
-    def fail(message: str, code: int) -> int:
+    def fail(message: str, code: int, *, signalled: bool = False) -> int:
         if args.debug:
             traceback.print_exc()
         _close_progress_bars()
-        print(f"nasquant: {message}", file=sys.stderr)
+        # A signal can land half-way through a bar's draw, after part of its line reached stderr and
+        # before the bar exists to be closed: the line must not start after that fragment.
+        fresh_line = "\n" if signalled else ""
+        print(f"{fresh_line}nasquant: {message}", file=sys.stderr)
         return code
 
     try:
@@ -86,9 +89,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NasquantError as exc:
         return fail(f"error: {exc}", 2)
     except KeyboardInterrupt:
-        return fail("interrupted", EXIT_INTERRUPTED)
+        return fail("interrupted", EXIT_INTERRUPTED, signalled=True)
     except _Terminated:
-        return fail("terminated", EXIT_TERMINATED)
+        return fail("terminated", EXIT_TERMINATED, signalled=True)
     except OSError as exc:  # disk full, permission denied, ...: the environment, not our bug
         return fail(f"error: {exc}", 1)
     except (MemoryError, RuntimeError) as exc:
