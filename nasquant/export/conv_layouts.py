@@ -93,7 +93,7 @@ def apply_space_to_depth_input_convs(model: onnx.ModelProto) -> None:
         node.attribute.extend([*kept, *(onnx.helper.make_attribute(k, v) for k, v in attributes.items())])
     splice(graph, inserted)
     forget_value_info(graph, reshaped)
-    remove_dead_nodes(graph)  # the conv's original float weight, which nothing reads now
+    remove_dead_nodes(graph)  # the conv's original weight (float or int8), which nothing reads now
 
 
 def _weight_holder(
