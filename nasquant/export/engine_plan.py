@@ -1,6 +1,7 @@
 """What a TensorRT build is told, as plain data: engine settings from the recipe, the optimization
-profile, the :class:`BuildPlan` (typing, builder flags, pools, DLA, hardware compatibility) and the
-same plan spelled as ``trtexec`` and ModelOpt AutoCast command lines.
+profile, the :class:`BuildPlan` (typing, builder flags, pools, DLA, hardware compatibility), the same
+plan spelled as ``trtexec`` and ModelOpt AutoCast command lines, and the ``trtexec`` line that times
+the built engine.
 
 Nothing here imports ``tensorrt``: the mapping from a recipe to a build is tested without a GPU, and
 DEPLOY.md is written from it. :mod:`nasquant.export.tensorrt` applies a plan through the TensorRT API.
@@ -9,6 +10,7 @@ DEPLOY.md is written from it. :mod:`nasquant.export.tensorrt` applies a plan thr
 from __future__ import annotations
 
 import os
+import re
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,10 +24,18 @@ from nasquant.errors import NasquantError
 from nasquant.recipe import EnginesSection
 from nasquant.settings import Precision
 
-#: oldest TensorRT nasquant builds with: explicit quantization, the I/O tensor API, IProgressMonitor
+#: oldest TensorRT nasquant builds with: its builder parses the ONNX into a network created without the
+#: EXPLICIT_BATCH flag (TensorRT 8's ONNX parser refuses such a network; TensorRT 10 has explicit batch
+#: only) and follows the build through IProgressMonitor (not in TensorRT 8's API)
 MIN_TENSORRT_MAJOR = 10
 #: first TensorRT major without weak typing (no precision builder flags)
 STRONG_ONLY_MAJOR = 11
+#: first TensorRT 11 release with DLA on a Jetson (AGX Orin, JetPack 7.2.2+); NVIDIA's "Working with DLA":
+#: 11.0 to 11.3 have no DLA, 11.4.0 only on Windows on ARM
+FIRST_TENSORRT_11_DLA = (11, 4, 1)
+#: the timing line's warm-up (milliseconds) and measured wall time (seconds); trtexec's own are 200 ms, 3 s
+TIMING_WARMUP_MS = 1000
+TIMING_DURATION_S = 10
 
 _HARDWARE_LEVELS = {"ampere_plus": "AMPERE_PLUS", "same_compute_capability": "SAME_COMPUTE_CAPABILITY"}
 _TRTEXEC_HARDWARE = {"ampere_plus": "ampere+", "same_compute_capability": "sameComputeCapability"}
@@ -188,11 +198,16 @@ class BuildPlan:
 
 def build_plan(settings: EngineSettings, *, tensorrt_version: str) -> BuildPlan:
     """Check ``settings`` against a TensorRT version and decide every builder setting."""
-    major = _major(tensorrt_version)
+    version = _version(tensorrt_version)
+    major = version[0]
     if major < MIN_TENSORRT_MAJOR:
         raise NasquantError(
             f"TensorRT {tensorrt_version} is too old: nasquant builds with TensorRT {MIN_TENSORRT_MAJOR} or newer "
-            "(explicit quantization, the I/O tensor API)"
+            "(its builder creates the network without the EXPLICIT_BATCH flag, which TensorRT 8's ONNX parser "
+            "refuses, and uses IProgressMonitor; its trtexec lines are written for TensorRT 10's trtexec); "
+            "on a Jetson Orin use JetPack 6.1+ (TensorRT 10.3); on JetPack 5 / Xavier build an FP16 engine "
+            "from the FP32 ONNX with `trtexec --onnx=<model>.fp32.onnx --fp16` or run the *.int8.cpu.onnx "
+            "graph on ONNX Runtime (DEPLOY.md, JetPack 5 section)"
         )
     typing = settings.engines.typing
     if typing == "auto":
@@ -207,6 +222,12 @@ def build_plan(settings: EngineSettings, *, tensorrt_version: str) -> BuildPlan:
         # INT8 enables the Q/DQ graph's int8 kernels; FP16 lets the float layers run in half precision.
         flags += {"fp32": [], "fp16": ["FP16"], "int8": ["INT8", "FP16"]}[settings.precision]
     if settings.engines.dla_core is not None:
+        if major >= STRONG_ONLY_MAJOR and version < FIRST_TENSORRT_11_DLA:
+            raise NasquantError(
+                f"engines.dla_core: TensorRT {tensorrt_version} has no DLA on a Jetson (NVIDIA: none in "
+                "11.0-11.3, 11.4.0 only on Windows on ARM); build DLA engines with TensorRT 10.x (JetPack 6) "
+                "or 11.4.1+ (JetPack 7.2.2+ on an AGX Orin)"
+            )
         if settings.precision == "fp32":
             raise NasquantError("engines.dla_core: the DLA runs FP16 or INT8 engines only, not fp32")
         if settings.engines.hardware_compatibility != "none":
@@ -246,10 +267,7 @@ def trtexec_command(
     if plan.strongly_typed and plan.tensorrt_major < STRONG_ONLY_MAJOR:
         words.append("--stronglyTyped")  # always on from TensorRT 11
     words += [f"--{flag.lower()}" for flag in plan.builder_flags if flag in ("FP16", "INT8")]
-    if plan.profile is not None:
-        for bound in ("min", "opt", "max"):
-            shape = "x".join(str(d) for d in getattr(plan.profile, bound))
-            words.append(f"--{bound}Shapes={plan.profile.input_name}:{shape}")
+    words += _profile_flags(plan.profile)
     words += [
         f"--memPoolSize=workspace:{plan.workspace_bytes >> 20}M",
         f"--builderOptimizationLevel={plan.optimization_level}",
@@ -270,6 +288,31 @@ def trtexec_command(
     return shlex.join(words)
 
 
+def trtexec_timing_command(engine_path: str | os.PathLike, settings: EngineSettings) -> str:
+    """The ``trtexec`` line that times a built engine: loaded as built (on its DLA core, if any), fed the
+    batch it was tuned for (the profile's optimum; a static engine has its one shape), warmed up, then run
+    through a CUDA graph with spin-wait synchronisation and no host<->device copies, so that the reported
+    ``GPU Compute Time`` is the engine alone."""
+    words = ["trtexec", f"--loadEngine={Path(engine_path)}"]
+    if settings.profile is not None:
+        words.append(f"--shapes={settings.profile.input_name}:{_dims(settings.profile.opt)}")
+    if settings.engines.dla_core is not None:
+        words.append(f"--useDLACore={settings.engines.dla_core}")
+    words += [f"--warmUp={TIMING_WARMUP_MS}", f"--duration={TIMING_DURATION_S}"]
+    words += ["--useCudaGraph", "--noDataTransfers", "--useSpinWait"]
+    return shlex.join(words)
+
+
+def trtexec_fp16_fallback_command(
+    onnx_path: str | os.PathLike, engine_path: str | os.PathLike, profile: Profile | None
+) -> str:
+    """A plain FP16 build of the FP32 graph for targets nasquant does not build for (JetPack 5's TensorRT
+    8.5): only options TensorRT 8.5's ``trtexec`` has as well, and no nasquant sidecar. trtexec times
+    the engine once it is built."""
+    words = ["trtexec", f"--onnx={Path(onnx_path)}", f"--saveEngine={Path(engine_path)}", "--fp16"]
+    return shlex.join(words + _profile_flags(profile))
+
+
 def autocast_command(onnx_path: str | os.PathLike) -> str:
     """The ModelOpt AutoCast line that writes :func:`autocast_path` (the strong-typing FP16 graph)."""
     words = ["python", "-m", "modelopt.onnx.autocast", f"--onnx_path={onnx_path}"]
@@ -277,8 +320,24 @@ def autocast_command(onnx_path: str | os.PathLike) -> str:
     return shlex.join(words)
 
 
-def _major(version: str) -> int:
-    try:
-        return int(version.split(".")[0])
-    except ValueError:
-        raise NasquantError(f"cannot read a TensorRT major version from {version!r}") from None
+def _profile_flags(profile: Profile | None) -> list[str]:
+    """``--minShapes/--optShapes/--maxShapes`` for a dynamic-batch profile (none for a static graph)."""
+    if profile is None:
+        return []
+    return [
+        f"--{bound}Shapes={profile.input_name}:{_dims(getattr(profile, bound))}"
+        for bound in ("min", "opt", "max")
+    ]
+
+
+def _dims(shape: tuple[int, ...]) -> str:
+    return "x".join(str(d) for d in shape)
+
+
+def _version(version: str) -> tuple[int, int, int]:
+    """``(major, minor, patch)`` of a TensorRT version such as ``10.3.0.30`` or ``11``; missing parts are 0."""
+    match = re.match(r"(\d+)(?:\.(\d+))?(?:\.(\d+))?", version.strip())
+    if match is None:
+        raise NasquantError(f"cannot read a TensorRT major version from {version!r}")
+    major, minor, patch = (int(part or 0) for part in match.groups())
+    return major, minor, patch

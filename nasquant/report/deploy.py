@@ -2,8 +2,9 @@
 
 Engines are tied to a TensorRT version and a GPU, so what travels is the ONNX: the guide gives the
 exact commands that turn it into an engine on the target (nasquant's builder where TensorRT Python
-is installed, ``trtexec`` where it is not, e.g. on many JetPack images), and the input/output
-contract with the pre- and post-processing a C++ consumer has to reproduce.
+is installed, ``trtexec`` where it is not, e.g. on many JetPack images) and time it, which TensorRT
+versions and boards those commands hold for (weak-typing deprecation, DLA, JetPack 5), and the
+input/output contract with the pre- and post-processing a C++ consumer has to reproduce.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from nasquant.export.engine_plan import (
     EngineSettings,
     autocast_command,
     trtexec_command,
+    trtexec_fp16_fallback_command,
+    trtexec_timing_command,
 )
 from nasquant.io import atomic_path
 from nasquant.settings import NMSSettings
@@ -44,6 +47,7 @@ def render_deploy_guide(
 ) -> str:
     """The guide's Markdown; file paths appear as given (the pipeline passes names beside the guide)."""
     fp16, int8 = replace(settings, precision="fp16"), replace(settings, precision="int8")
+    strong = replace(int8, engines=replace(settings.engines, typing="strong"))
     dla_engines = replace(settings.engines, dla_core=0, gpu_fallback=True, hardware_compatibility="none")
     dla = replace(int8, engines=dla_engines)
     if settings.profile is not None:
@@ -79,15 +83,26 @@ def render_deploy_guide(
         _trtexec(fp32_onnx, fp16, "10"),
         "```",
         "",
-        "TensorRT 11 removed the precision flags: the FP16 parts must be in the graph, written by ModelOpt",
-        "AutoCast (Q/DQ nodes kept), then built strongly typed:",
+        "TensorRT 10.12 deprecated weak typing, and `trtexec` 10.14 and newer prints `Weakly-typed networks",
+        "have been deprecated in TensorRT` for any line with `--int8` or `--fp16`. It is a warning only: the",
+        "engine builds and runs as before. TensorRT 11 removes weak typing. To build strongly typed on 10.x",
+        "already (no warning), set `engines.typing: strong` in the recipe (`--typing strong` for `nasquant",
+        "engine build` / `engine command`): ModelOpt AutoCast writes the FP16 parts into the graph (Q/DQ nodes",
+        "kept), and the builder follows the graph's types:",
         "",
         "```bash",
         autocast_command(int8_onnx),
+        _trtexec(int8_onnx, strong, "10"),
+        "```",
+        "",
+        "TensorRT 11 builds strongly typed networks only (no precision flags, no `--stronglyTyped`), from the",
+        "same AutoCast graph:",
+        "",
+        "```bash",
         _trtexec(int8_onnx, int8, "11"),
         "```",
         "",
-        "## Jetson (JetPack 6, TensorRT 10)",
+        "## Jetson Orin (JetPack 6.1+, TensorRT 10.3)",
         "",
         "Copy the ONNX file to the device and build there (JetPack images often lack TensorRT's Python",
         "package; `trtexec` is in `/usr/src/tensorrt/bin`). On the GPU:",
@@ -96,11 +111,58 @@ def render_deploy_guide(
         _trtexec(int8_onnx, int8, "10"),
         "```",
         "",
-        "On a DLA core (Orin), with the layers the DLA cannot run falling back to the GPU:",
+        "### DLA (TensorRT 10.x only)",
+        "",
+        "The DLA cores of an AGX Orin or Orin NX (the Orin Nano has none) need the TensorRT 10.x that JetPack 6",
+        "ships. NVIDIA documents no DLA in TensorRT 11.0 to 11.3 and DLA only on Windows on ARM in 11.4.0",
+        '("Working with DLA"), and nasquant refuses `engines.dla_core` with those versions. TensorRT 11.4.1',
+        "brings DLA back on an AGX Orin with JetPack 7.2.2+ (strongly typed); nasquant has not been tried there.",
+        "On DLA core 0, with the layers the DLA cannot run falling back to the GPU:",
         "",
         "```bash",
         _trtexec(int8_onnx, dla, "10"),
         "```",
+        "",
+        "## Timing an engine with `trtexec`",
+        "",
+        "Time a built engine on the machine that built it, at the batch it is tuned for:",
+        "",
+        "```bash",
+        _timing(int8_onnx, int8),
+        _timing(fp32_onnx, fp16),
+        _timing(int8_onnx, dla),
+        "```",
+        "",
+        "Read `GPU Compute Time: ... median = X ms` in the performance summary: the GPU time of one inference",
+        "of the whole batch (`--shapes`; a fixed-batch engine runs its own N). It covers the engine alone:",
+        "`--noDataTransfers` leaves out the host<->device copies, and none of the pre-processing (decode,",
+        "letterbox, / 255) or post-processing (candidates, NMS, box mapping) below runs in the engine. An",
+        "application's end-to-end latency adds those. `Throughput` counts inferences per second; multiply by",
+        "the batch for images per second.",
+        "",
+        "## JetPack 5 / Xavier (TensorRT 8.5): not supported, and what works instead",
+        "",
+        "Xavier boards stop at JetPack 5 (TensorRT 8.5 from JetPack 5.1); nasquant builds with TensorRT 10 and",
+        "refuses older versions. Its builder creates the network without the EXPLICIT_BATCH flag (TensorRT 10",
+        "has explicit batch only; TensorRT 8's ONNX parser refuses such a network) and follows the build",
+        "through IProgressMonitor, which TensorRT 8 does not have. The `trtexec` lines above use",
+        "`--skipInference` and `--builderOptimizationLevel`, which TensorRT 8.5's `trtexec` does not know.",
+        "What remains on a Xavier:",
+        "",
+        "- An FP16 engine from the FP32 graph. TensorRT 8.5 parses ONNX up to opset 17, nasquant's default",
+        "  export opset. This line uses only options TensorRT 8.5's `trtexec` has, and times the engine once",
+        "  built; the timing line above works there too. Not tested by nasquant. It writes no `.engine.json`",
+        "  sidecar, so `nasquant val`/`bench` cannot run the engine: compare its detections with the FP32 ONNX",
+        "  yourself.",
+        "",
+        "  ```bash",
+        "  " + trtexec_fp16_fallback_command(fp32_onnx, engine_path(fp32_onnx, "fp16"), settings.profile),
+        "  ```",
+        "",
+        "- INT8 from the QDQ graph. It stays within what TensorRT 8.5's ONNX parser lists (DequantizeLinear",
+        "  on INT8 with zero points of 0, per-channel weight scales), but nasquant has not built it with 8.5:",
+        "  whether 8.5 builds int8 weight initializers feeding DequantizeLinear is not tested.",
+        "- No TensorRT: the ONNX Runtime CPU flavour (`*.int8.cpu.onnx`) runs the same INT8 model on the CPU.",
         "",
         "## Input / output contract",
         "",
@@ -145,7 +207,18 @@ def render_deploy_guide(
 
 
 def _trtexec(onnx_path: Path, settings: EngineSettings, tensorrt_version: str) -> str:
+    return trtexec_command(
+        onnx_path, _engine(onnx_path, settings), settings, tensorrt_version=tensorrt_version
+    )
+
+
+def _timing(onnx_path: Path, settings: EngineSettings) -> str:
+    return trtexec_timing_command(_engine(onnx_path, settings), settings)
+
+
+def _engine(onnx_path: Path, settings: EngineSettings) -> Path:
+    """The engine name the guide's build lines write: ``*.dlaN.engine`` for a DLA build."""
     engine = engine_path(onnx_path, settings.precision)
     if settings.engines.dla_core is not None:
         engine = engine.with_name(engine.name.replace(".engine", f".dla{settings.engines.dla_core}.engine"))
-    return trtexec_command(onnx_path, engine, settings, tensorrt_version=tensorrt_version)
+    return engine

@@ -27,6 +27,8 @@ from nasquant.export.engine_plan import (
     engine_settings,
     optimization_profile,
     trtexec_command,
+    trtexec_fp16_fallback_command,
+    trtexec_timing_command,
 )
 from nasquant.export.tensorrt import autocast_fp16
 from nasquant.recipe import EnginesSection, load_recipe
@@ -54,6 +56,31 @@ TRTEXEC_OPTIONS = {
     "--exportLayerInfo",
     "--profilingVerbosity",
     "--verbose",
+    "--loadEngine",
+    "--shapes",
+    "--warmUp",
+    "--duration",
+    "--useCudaGraph",
+    "--noDataTransfers",
+    "--useSpinWait",
+}
+# The build and inference options TensorRT 8.5's trtexec has (JetPack 5; from its --help text).
+TRTEXEC_8_5_OPTIONS = {
+    "--onnx",
+    "--saveEngine",
+    "--fp16",
+    "--int8",
+    "--minShapes",
+    "--optShapes",
+    "--maxShapes",
+    "--loadEngine",
+    "--shapes",
+    "--warmUp",
+    "--duration",
+    "--useDLACore",
+    "--useCudaGraph",
+    "--noDataTransfers",
+    "--useSpinWait",
 }
 
 
@@ -160,6 +187,35 @@ def test_versions_and_settings_that_cannot_build_are_refused_in_one_line() -> No
         build_plan(EngineSettings("fp16"), tensorrt_version="latest")
 
 
+def test_jetpack_5_is_refused_with_the_reason_and_what_works_instead() -> None:
+    with pytest.raises(NasquantError) as refused:
+        build_plan(EngineSettings("int8"), tensorrt_version="8.5.2")
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith("TensorRT 8.5.2 is too old")
+    # the reason: what nasquant's builder uses that TensorRT 8 lacks
+    assert "EXPLICIT_BATCH" in message and "IProgressMonitor" in message
+    # the alternatives: TensorRT 10 on an Orin, the FP32 graph with plain trtexec, the CPU flavour
+    assert "JetPack 6.1+ (TensorRT 10.3)" in message
+    assert "`trtexec --onnx=<model>.fp32.onnx --fp16`" in message and "*.int8.cpu.onnx" in message
+
+
+@pytest.mark.parametrize("version", ["11", "11.0.0", "11.1", "11.3.1", "11.4", "11.4.0.7"])
+def test_dla_is_refused_with_the_tensorrt_11_releases_that_have_none(version: str) -> None:
+    settings = EngineSettings("int8", engines=EnginesSection(dla_core=0))
+    with pytest.raises(NasquantError, match=rf"dla_core: TensorRT {version} has no DLA.*TensorRT 10\.x"):
+        build_plan(settings, tensorrt_version=version)
+    with pytest.raises(NasquantError, match="has no DLA"):
+        trtexec_command("model.int8.trt.onnx", "model.int8.dla0.engine", settings, tensorrt_version=version)
+
+
+@pytest.mark.parametrize("version", ["10.3.0", "10.3.0.30", "11.4.1", "11.5"])
+def test_dla_builds_where_nvidia_documents_it(version: str) -> None:
+    plan = build_plan(EngineSettings("int8", engines=EnginesSection(dla_core=0)), tensorrt_version=version)
+    assert plan.dla_core == 0 and "GPU_FALLBACK" in plan.builder_flags
+    # TensorRT 11.4.1 brings DLA back strongly typed, from the AutoCast graph
+    assert plan.strongly_typed == plan.autocast_fp16 == version.startswith("11")
+
+
 def test_dla_hardware_compatibility_and_cache_settings_reach_the_plan(tmp_path: Path) -> None:
     dla = build_plan(EngineSettings("int8", engines=EnginesSection(dla_core=1)), tensorrt_version="10.3.0")
     assert dla.dla_core == 1 and dla.builder_flags == ("INT8", "FP16", "GPU_FALLBACK")
@@ -245,6 +301,41 @@ def test_trtexec_lines_for_jetson_dla_and_tensorrt_11(tmp_path: Path) -> None:
     )
     assert compatible["--hardwareCompatibilityLevel"] == "ampere+"
     assert shlex.split(autocast_command(onnx_path))[:3] == ["python", "-m", "modelopt.onnx.autocast"]
+
+
+def test_trtexec_times_an_engine_at_the_batch_it_was_built_for() -> None:
+    profile = Profile("images", (1, 3, 640, 640), (4, 3, 640, 640), (8, 3, 640, 640))
+    command = trtexec_timing_command(Path("runs/a/model.int8.engine"), EngineSettings("int8", profile))
+    options = trtexec_options(command)
+    assert options == {
+        "--loadEngine": "runs/a/model.int8.engine",
+        "--shapes": "images:4x3x640x640",  # the profile's optimum
+        "--warmUp": "1000",  # milliseconds
+        "--duration": "10",  # seconds
+        "--useCudaGraph": None,
+        "--noDataTransfers": None,  # GPU compute only: no host<->device copies
+        "--useSpinWait": None,
+    }
+    assert options.keys() <= TRTEXEC_8_5_OPTIONS  # the same line times a JetPack 5 engine
+    # a fixed-batch engine has one shape; a DLA engine is loaded onto the core it was built for
+    static = trtexec_options(trtexec_timing_command("model.int8.engine", EngineSettings("int8")))
+    assert "--shapes" not in static and "--useDLACore" not in static
+    dla = EngineSettings("int8", profile, EnginesSection(dla_core=1))
+    assert trtexec_options(trtexec_timing_command("model.int8.dla1.engine", dla))["--useDLACore"] == "1"
+
+
+def test_the_jetpack_5_fp16_line_uses_only_tensorrt_8_5_options() -> None:
+    profile = Profile("images", (1, 3, 320, 320), (2, 3, 320, 320), (4, 3, 320, 320))
+    options = trtexec_options(trtexec_fp16_fallback_command("model.fp32.onnx", "model.fp16.engine", profile))
+    assert options.keys() <= TRTEXEC_8_5_OPTIONS
+    assert (options["--onnx"], options["--saveEngine"], options["--maxShapes"]) == (
+        "model.fp32.onnx",
+        "model.fp16.engine",
+        "images:4x3x320x320",
+    )
+    assert "--fp16" in options and "--int8" not in options
+    static = trtexec_options(trtexec_fp16_fallback_command("model.fp32.onnx", "model.fp16.engine", None))
+    assert not {"--minShapes", "--optShapes", "--maxShapes"} & static.keys()
 
 
 @pytest.mark.parametrize(
