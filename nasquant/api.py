@@ -8,6 +8,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import torch
@@ -24,52 +25,24 @@ from nasquant.artifacts import (
     KEY_PRECISION,
     KEY_PREPROCESS,
     KEY_PROTOCOL,
-    KEY_STRIDE,
     KEY_VARIANT,
     KEY_VERSION,
-    MAX_STRIDE,
     file_sha256,
     read_metadata,
 )
-from nasquant.data.coco_names import COCO_CLASSES
 from nasquant.data.datasets import load_dataset
 from nasquant.data.preprocess import Preprocess, check_input_size
 from nasquant.data.sources import image_files
+from nasquant.detector import Detector
 from nasquant.errors import NasquantError
+from nasquant.eval.postprocess import resolve_nms
 from nasquant.eval.validate import validate
-from nasquant.models import YoloNAS, yolo_nas
+from nasquant.models import YoloNAS
 from nasquant.predict import Prediction, predict
+from nasquant.recipe import Recipe
 from nasquant.runtime import Backend, TorchBackend, check_device, open_backend
-from nasquant.settings import PREDICT_NMS, VAL_NMS, NMSSettings
-from nasquant.weights import Checkpoint, load_checkpoint
-
-
-def load_model(checkpoint: Checkpoint) -> YoloNAS:
-    """Build the network the checkpoint describes and load its tensors strictly, in eval mode."""
-    model = yolo_nas(checkpoint.variant, checkpoint.num_classes)
-    model.adopt_layout(checkpoint.state_dict)
-    problem = _state_dict_mismatch(model.state_dict(), checkpoint.state_dict)
-    if problem is not None:
-        raise NasquantError(f"{checkpoint.path} does not fit {checkpoint.variant}: {problem}")
-    model.load_state_dict(checkpoint.state_dict, strict=True)
-    return model.eval()
-
-
-def _state_dict_mismatch(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor]) -> str | None:
-    """The first difference between two state dicts, naming the key (torch's own error lists every
-    key over many lines); None when ``given`` loads strictly."""
-    problems = [
-        *(f"no tensor {key}" for key in expected if key not in given),
-        *(f"unexpected tensor {key}" for key in given if key not in expected),
-        *(
-            f"{key} has shape {tuple(given[key].shape)}, the network needs {tuple(value.shape)}"
-            for key, value in expected.items()
-            if key in given and given[key].shape != value.shape
-        ),
-    ]
-    if not problems:
-        return None
-    return problems[0] + (f" (and {len(problems) - 1} more differences)" if len(problems) > 1 else "")
+from nasquant.settings import PREDICT_NMS, VAL_NMS, ExportFormat, NMSSettings
+from nasquant.weights import Checkpoint
 
 
 @dataclass(frozen=True)
@@ -157,8 +130,7 @@ class NAS:
     ) -> None:
         self.device, self.threads = device, threads
         self.exported: ExportedFile | None = None
-        self._checkpoint: Checkpoint | None = None
-        self._model: YoloNAS | None = None
+        self._detector: Detector | None = None
         if Path(model).suffix.lower() in EXPORTED_SUFFIXES:
             check_device(model, device)  # a wrong device is the first thing said, as for a checkpoint
             self.exported = ExportedFile.read(model, sha256=sha256)
@@ -169,28 +141,35 @@ class NAS:
             if num_classes is not None and names is not None and len(names) != num_classes:
                 raise NasquantError(f"{model} has {len(names)} classes, not {num_classes}")
         else:
-            self._checkpoint = load_checkpoint(model, variant=variant, num_classes=num_classes, sha256=sha256)
-            self._model = load_model(self._checkpoint)
-            names = self._checkpoint.class_names
-            if not names:
-                # Deci's COCO checkpoints carry no names; their 80 outputs are COCO's classes in order.
-                count = self._model.num_classes
-                names = (
-                    list(COCO_CLASSES) if count == len(COCO_CLASSES) else [f"class{i}" for i in range(count)]
-                )
-        #: class names by id; empty for an exported graph that records none (ids are shown instead)
-        self.names: list[str] = names or []
+            self._detector = Detector(model, variant=variant, num_classes=num_classes, sha256=sha256)
+            names = self._detector.names
+        self._names: list[str] = names or []
+
+    @property
+    def names(self) -> list[str]:
+        """Class names by id; empty for an exported graph that records none (ids are shown instead)."""
+        return self._detector.names if self._detector is not None else self._names
+
+    @names.setter
+    def names(self, names: list[str]) -> None:
+        if self._detector is not None:
+            self._detector.names = list(names)
+        self._names = list(names)
+
+    @property
+    def detector(self) -> Detector:
+        """The checkpoint's network with its names and preprocessing; an exported file has none."""
+        self._needs_checkpoint()
+        return self._detector
 
     @property
     def checkpoint(self) -> Checkpoint:
-        self._needs_checkpoint()
-        return self._checkpoint
+        return self.detector.checkpoint
 
     @property
     def model(self) -> YoloNAS:
         """The torch network (a checkpoint's); an exported file has none."""
-        self._needs_checkpoint()
-        return self._model
+        return self.detector.model
 
     def _needs_checkpoint(self) -> None:
         if self.exported is not None:
@@ -214,22 +193,20 @@ class NAS:
         """The input size the model was made for (recorded processing or graph input), else 640."""
         if self.exported is not None:
             return self.exported.preprocessing(None, None).imgsz
-        processing = self.checkpoint.processing or {}
-        return int(processing.get("imgsz", DEFAULT_IMGSZ))
+        return self.detector.imgsz
 
     def preprocessing(self, protocol: str | None = None, imgsz: int | None = None) -> Preprocess:
         """How images are prepared for this model: ``protocol`` ``sg`` (Deci's COCO protocol) or
         ``letterbox``; None takes the model's own (an exported file's recorded one, else ``sg``)."""
         if self.exported is not None:
             return self.exported.preprocessing(protocol, imgsz)
-        size = check_input_size(self.imgsz if imgsz is None else imgsz)
-        return Preprocess.from_protocol(protocol or "sg", size, model_processing=self.checkpoint.processing)
+        return self.detector.preprocessing(protocol, imgsz)
 
     def fuse(self) -> NAS:
         """Re-parameterize the network in place for faster inference (same outputs to float rounding);
         an exported file is already in its deployed form."""
         if self.exported is None:
-            self.model.fuse()
+            self.detector.fuse()
         return self
 
     def backend(self, device: str | None = None, precision: str | None = None) -> Backend:
@@ -292,18 +269,21 @@ class NAS:
         protocol: str | None = None,
         batch: int = 8,
         *,
-        conf: float = VAL_NMS.conf,
-        iou: float = VAL_NMS.iou,
-        top_k: int = VAL_NMS.top_k,
-        max_det: int = VAL_NMS.max_det,
+        conf: float | None = None,
+        iou: float | None = None,
+        top_k: int | None = None,
+        max_det: int | None = None,
         device: str | None = None,
         progress: bool = True,
     ) -> dict:
-        """COCO metrics on ``data`` (COCO json/folder or Ultralytics yaml); mAPs are fractions (0.475)."""
+        """COCO metrics on ``data`` (COCO json/folder or Ultralytics yaml); mAPs are fractions (0.475).
+
+        NMS settings left None are the validation defaults (:data:`~nasquant.settings.VAL_NMS`), or an
+        end-to-end graph's built-in ones, which given values must match."""
         dataset = load_dataset(data)
         spec = self.preprocessing(protocol, imgsz)
-        nms = NMSSettings(conf=conf, iou=iou, top_k=top_k, max_det=max_det)
         with self.backend(device) as backend:
+            nms = resolve_nms(backend, VAL_NMS, conf=conf, iou=iou, top_k=top_k, max_det=max_det)
             # A fixed-batch graph runs exactly its batch (the backend pads a short last batch).
             size = backend.batch_size or batch
             metrics = validate(backend, dataset, spec, nms=nms, batch_size=size, progress=progress)
@@ -314,63 +294,123 @@ class NAS:
     def predict(
         self,
         source: str | os.PathLike | np.ndarray | Sequence[str | os.PathLike | np.ndarray],
-        conf: float = PREDICT_NMS.conf,
-        iou: float = PREDICT_NMS.iou,
+        conf: float | None = None,
+        iou: float | None = None,
         imgsz: int | None = None,
         protocol: str | None = None,
         *,
-        max_det: int = PREDICT_NMS.max_det,
+        max_det: int | None = None,
         save_dir: str | os.PathLike | None = None,
         device: str | None = None,
         progress: bool = False,
     ) -> list[Prediction]:
-        """Detections per image (boxes xyxy in original pixels, scores, class ids); optionally saved."""
+        """Detections per image (boxes xyxy in original pixels, scores, class ids); optionally saved.
+
+        NMS settings left None are the predict defaults (:data:`~nasquant.settings.PREDICT_NMS`), or
+        an end-to-end graph's built-in ones, which given values must match."""
         items = [source] if isinstance(source, np.ndarray | str | os.PathLike) else list(source)
         sources = [image for item in items for image in _expand(item)]
-        nms = NMSSettings(conf=conf, iou=iou, top_k=PREDICT_NMS.top_k, max_det=max_det)
         spec = self.preprocessing(protocol, imgsz)
         with self.backend(device) as backend:
+            nms = resolve_nms(backend, PREDICT_NMS, conf=conf, iou=iou, max_det=max_det)
             return predict(backend, sources, spec, self.names, nms=nms, save_dir=save_dir, progress=progress)
 
     __call__ = predict
 
     def onnx_metadata(self, protocol: str = "sg", imgsz: int | None = None) -> dict[str, str]:
         """What a consumer of an exported graph needs besides the graph: names, preprocessing, stride."""
-        spec = self.preprocessing(protocol, imgsz)
-        return {
-            KEY_NAMES: json.dumps(self.names),
-            KEY_VARIANT: self.variant,
-            KEY_PROTOCOL: protocol,
-            KEY_PREPROCESS: json.dumps(asdict(spec)),
-            KEY_STRIDE: str(MAX_STRIDE),
-        }
+        return self.detector.onnx_metadata(protocol, imgsz)
 
     def export(
         self,
         path: str | os.PathLike | None = None,
         *,
+        format: ExportFormat = "onnx",
         imgsz: int | None = None,
         protocol: str = "sg",
         dynamic_batch: bool = False,
         opset: int = 17,
         simplify: bool = True,
+        nms: bool | NMSSettings = False,
+        fp16: bool = False,
+        int8: bool = False,
+        recipe: str | os.PathLike | Recipe | None = None,
+        calib: str | os.PathLike | None = None,
+        progress: bool = True,
     ) -> Path:
-        """Export the fused FP32 network to ONNX (INT8 graphs come from ``nasquant quantize``)."""
-        from nasquant.export import export_onnx
+        """Export for deployment; returns the file to ship.
 
-        model = self.model
+        ``format``: ``onnx`` (FP32 graph), ``onnx-int8`` (the INT8 graphs, TensorRT and CPU flavours),
+        ``engine`` (a TensorRT engine built here: FP32, ``fp16``, or ``int8``) or ``openvino`` (IR: FP32,
+        ``fp16`` weights, or ``int8``). ``nms``: the graph ends in detections (True: the predict
+        settings; or given :class:`~nasquant.settings.NMSSettings`).
+
+        INT8 runs the quantize pipeline's stages (calibration, float-layer choice, export) from
+        ``recipe`` (a path or :class:`~nasquant.recipe.Recipe`; its model becomes this checkpoint), or
+        from ``calib`` images with the box branch in float; ``path`` is then the run folder (default:
+        the recipe's, else ``runs/export/<checkpoint>-int8``). Otherwise ``path`` is the file to write
+        (default: beside the checkpoint).
+        """
+        if format not in get_args(ExportFormat):
+            raise NasquantError(f"unknown export format {format!r}; use {', '.join(get_args(ExportFormat))}")
+        int8 = int8 or format == "onnx-int8"
+        if int8 and fp16:
+            raise NasquantError("choose fp16 or int8 (an INT8 engine runs its float layers in FP16 anyway)")
+        if fp16 and format == "onnx":
+            raise NasquantError(
+                "an FP16 graph is made on the target: export FP32 and build --format engine --fp16"
+            )
+        settings = (PREDICT_NMS if nms is True else nms) or None
         size = self.preprocessing(protocol, imgsz).imgsz
-        target = Path(path) if path else Path(self.checkpoint.path).with_suffix(".onnx")
-        deployed = model if model.is_fused else copy.deepcopy(model).fuse()
-        return export_onnx(
-            deployed,
+        if int8:
+            return self._export_int8(path, format, size, dynamic_batch, settings, recipe, calib, progress)
+        if recipe is not None or calib is not None:
+            raise NasquantError("a recipe or calibration data is for INT8 exports: add int8=True")
+        from nasquant.export.formats import default_target, export_fp32
+
+        checkpoint = self.checkpoint.path
+        target = (
+            Path(path) if path else default_target(checkpoint, format, nms=settings is not None, fp16=fp16)
+        )
+        files = export_fp32(
+            self.detector.deployed(),
             target,
+            format,
             imgsz=size,
+            metadata=self.onnx_metadata(protocol, size),
             dynamic_batch=dynamic_batch,
             opset=opset,
             simplify=simplify,
-            metadata=self.onnx_metadata(protocol, size),
+            nms=settings,
+            fp16=fp16,
         )
+        return files[0]
+
+    def _export_int8(
+        self,
+        path: str | os.PathLike | None,
+        format: str,
+        imgsz: int,
+        dynamic_batch: bool,
+        nms: NMSSettings | None,
+        recipe: str | os.PathLike | Recipe | None,
+        calib: str | os.PathLike | None,
+        progress: bool,
+    ) -> Path:
+        from nasquant.pipeline import run_export
+        from nasquant.pipeline.export_job import export_recipe
+
+        checkpoint = self.checkpoint.path
+        base = export_recipe(
+            recipe, checkpoint=checkpoint, calib=calib, imgsz=imgsz, dynamic_batch=dynamic_batch, nms=nms
+        )
+        output = path or (
+            None if recipe is not None else Path("runs", "export", f"{Path(checkpoint).stem}-int8")
+        )
+        result = run_export(
+            base, "onnx-int8" if format == "onnx" else format, output=output, progress=progress
+        )
+        return result.files[0]
 
     def __repr__(self) -> str:
         return f"NAS({self.variant}, {len(self.names) or '?'} classes, {self.source.name})"

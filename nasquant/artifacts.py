@@ -29,6 +29,8 @@ from nasquant.io import write_json
 
 #: an exported ONNX graph, run by ONNX Runtime
 ONNX_SUFFIX = ".onnx"
+#: OpenVINO IR: the graph (``.xml``) and its weights beside it, same stem (``.bin``)
+IR_SUFFIX, IR_WEIGHTS_SUFFIX = ".xml", ".bin"
 #: a serialized TensorRT engine, run by TensorRT
 ENGINE_SUFFIXES = (".engine", ".plan")
 #: every exported file a backend (not a checkpoint loader) opens
@@ -70,6 +72,8 @@ SENSITIVITY_JSON, SENSITIVITY_MD, SENSITIVITY_PNG = "sensitivity.json", "sensiti
 BENCH_FOLDER = "bench"
 #: INT8 graph flavours: ``trt`` (ModelOpt's signed Q/DQ, for TensorRT), ``cpu`` (ONNX Runtime's integer kernels).
 FLAVORS = ("cpu", "trt")
+#: what an end-to-end (NMS inside) copy adds to its raw graph's stem: ``model.int8-nms.trt.onnx``
+END_TO_END_TAG = "-nms"
 
 
 @dataclass(frozen=True)
@@ -111,6 +115,17 @@ def engine_path(onnx_path: str | os.PathLike, precision: str) -> Path:
     return onnx_path.with_name(".".join(parts) + ENGINE_SUFFIXES[0])
 
 
+def end_to_end_path(onnx_path: str | os.PathLike) -> Path:
+    """Where the end-to-end (NMS) copy of a raw graph goes: ``model.fp32.onnx`` -> ``model.fp32-nms.onnx``,
+    ``model.int8.trt.onnx`` -> ``model.int8-nms.trt.onnx`` (so its engine is ``model.int8-nms.engine``)."""
+    onnx_path = Path(onnx_path)
+    stem = onnx_path.name.removesuffix(ONNX_SUFFIX)
+    base, dot, flavor = stem.rpartition(".")
+    if dot and flavor in FLAVORS:
+        return onnx_path.with_name(f"{base}{END_TO_END_TAG}.{flavor}{ONNX_SUFFIX}")
+    return onnx_path.with_name(f"{stem}{END_TO_END_TAG}{ONNX_SUFFIX}")
+
+
 def autocast_path(onnx_path: str | os.PathLike) -> Path:
     """Where the FP16 AutoCast copy of an ONNX file goes: ``model.int8.trt.onnx`` -> ``model.int8.trt.fp16.onnx``."""
     onnx_path = Path(onnx_path)
@@ -141,9 +156,17 @@ KEY_PRECISION = "nasquant.precision"
 KEY_FLAVOR = "nasquant.flavor"
 #: JSON list of the layers kept in floating point in an INT8 graph
 KEY_FP_LAYERS = "nasquant.fp_layers"
+#: JSON of the NMS settings (conf, iou, top_k, max_det, multi_label) an end-to-end graph has built
+#: in; absent from a raw graph
+KEY_NMS = "nasquant.nms"
 
 INPUT_NAME = "images"
+#: a raw graph's outputs: ``boxes`` (N, A, 4) xyxy input pixels, ``scores`` (N, A, C) class probabilities
 OUTPUT_NAMES = ("boxes", "scores")
+#: an end-to-end graph's outputs, TensorRT EfficientNMS's convention: ``num_dets`` (N, 1) int32,
+#: ``det_boxes`` (N, K, 4) xyxy input pixels, ``det_scores`` (N, K), ``det_classes`` (N, K) int32;
+#: rows past ``num_dets`` are zero. K is the built-in ``max_det``.
+END_TO_END_OUTPUT_NAMES = ("num_dets", "det_boxes", "det_scores", "det_classes")
 BATCH_AXIS = "batch"
 
 

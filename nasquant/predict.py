@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from nasquant.data.preprocess import Preprocess, preprocess, read_image
 from nasquant.errors import NasquantError
-from nasquant.eval.postprocess import postprocess
+from nasquant.eval.postprocess import detect
 from nasquant.io import atomic_path, write_json
 from nasquant.runtime.base import Backend
 from nasquant.settings import PREDICT_NMS, NMSSettings
@@ -88,8 +88,7 @@ def predict(
     with tqdm(_images(sources), total=len(sources), desc="predict", disable=not progress) as bar:
         for source, image in bar:
             tensor, transform = preprocess(image, spec)
-            boxes, scores = backend.run(tensor[None])
-            (detections,) = postprocess(boxes, scores, nms)
+            (detections,) = detect(backend, tensor[None], nms)
             prediction = Prediction(
                 source=source,
                 height=image.shape[0],

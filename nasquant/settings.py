@@ -22,6 +22,17 @@ Typing = Literal["auto", "strong", "weak"]
 HardwareCompatibility = Literal["none", "ampere_plus", "same_compute_capability"]
 #: preprocessing: sg = Deci's COCO protocol, letterbox = Ultralytics-style
 Protocol = Literal["sg", "letterbox"]
+#: what ``nasquant export`` / ``NAS.export`` write: FP32 (or end-to-end) ONNX, the INT8 ONNX flavours,
+#: a TensorRT engine, OpenVINO IR
+ExportFormat = Literal["onnx", "onnx-int8", "engine", "openvino"]
+#: the layers kept in floating point when no recipe says otherwise: each head's box branch (tower conv
+#: and box regression), the list benchmarks/skip_lists.md chose on mAP for YOLO-NAS S/M/L
+BOX_BRANCH_LAYERS = ("heads.head*.reg_convs.*", "heads.head*.reg_pred")
+#: how an INT8 graph stores the weights of the layers it keeps in floating point
+FloatWeights = Literal["float16", "float32"]
+#: float16: half the bytes, and what TensorRT runs those layers in anyway (every INT8 engine is built
+#: with FP16 enabled); float32 keeps ONNX Runtime's outputs bit-identical to the float-weight graph
+DEFAULT_FLOAT_WEIGHTS: FloatWeights = "float16"
 
 
 @dataclass(frozen=True)

@@ -65,7 +65,7 @@ def test_predict_never_writes_over_its_inputs(nas: NAS, tmp_path: Path) -> None:
 def test_a_state_dict_mismatch_names_the_key(nas: NAS) -> None:
     from dataclasses import replace
 
-    from nasquant.api import load_model
+    from nasquant.detector import load_model
 
     tensors = dict(nas.checkpoint.state_dict)
     key = "heads.head2.reg_pred.bias"

@@ -221,3 +221,42 @@ def test_predict_info_and_bench_take_a_runs_int8_graph(
     assert "int8 (cpu flavour)" in printed and "320" in printed
     assert main(["bench", "--model", model, "--warmup", "1", "--iterations", "2", "--threads", "1"]) == 0
     assert "onnxruntime int8 on cpu, 320px batch 1" in capsys.readouterr().out
+
+
+def test_export_nms_gives_predicts_detections_and_the_raw_graphs_map(shapes_pt: Path, tmp_path: Path) -> None:
+    # The acceptance check of end-to-end export: the graph's own NMS is nasquant's post-processing.
+    raw, end_to_end = tmp_path / "shapes.onnx", tmp_path / "shapes-nms.onnx"
+    assert main(["export", "--model", str(shapes_pt), "--output", str(raw)]) == 0
+    assert main(["export", "--model", str(shapes_pt), "--nms", "--output", str(end_to_end)]) == 0
+    images = shared_path("data", "shapes", "val", "images")
+    detections = {}
+    for graph in (raw, end_to_end):
+        out = tmp_path / f"pred-{graph.stem}"
+        assert main(["predict", "--model", str(graph), "--source", str(images), "--out", str(out)]) == 0
+        detections[graph] = json.loads((out / "predictions.json").read_text())
+    assert len(detections[raw]) == 300 and sum(len(r["detections"]) for r in detections[raw]) > 300
+    for want, got in zip(detections[raw], detections[end_to_end], strict=True):
+        assert [d["class_id"] for d in got["detections"]] == [d["class_id"] for d in want["detections"]]
+        for g, w in zip(got["detections"], want["detections"], strict=True):
+            assert g["score"] == pytest.approx(w["score"], abs=1e-6)
+            assert g["box"] == pytest.approx(w["box"], abs=1e-3)
+    data = str(shared_path("data", "shapes", "val", "annotations.json"))
+    maps = {}
+    for graph, extra in ((raw, ["--conf", "0.25"]), (end_to_end, [])):  # the e2e graph's built-in conf
+        out = tmp_path / f"{graph.stem}.json"
+        assert main(["val", "--model", str(graph), "--data", data, "--json", str(out), *extra]) == 0
+        maps[graph] = json.loads(out.read_text())["map50_95"]
+    assert maps[end_to_end] == maps[raw]
+
+
+def test_export_mistakes_give_one_line(shapes_pt: Path, tmp_path: Path, capsys) -> None:
+    model = ["export", "--model", str(shapes_pt)]
+    code = main([*model, "--conf", "0.3", "--max-det", "100"])
+    _assert_one_line_error(code, capsys.readouterr().err, "--conf, --max-det", "add --nms")
+    code = main([*model, "--format", "onnx-int8"])
+    _assert_one_line_error(code, capsys.readouterr().err, "calibration images", "--calib")
+    code = main([*model, "--fp16"])
+    _assert_one_line_error(code, capsys.readouterr().err, "FP16 graph")
+    code = main([*model, "--output", str(tmp_path / "model.engine")])
+    _assert_one_line_error(code, capsys.readouterr().err, "writes a .onnx file")
+    assert not list(tmp_path.iterdir())  # refused before anything was written

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from nasquant.bench.contention import CONTENDED_SHARE, other_cpu_share
 from nasquant.data.preprocess import Preprocess, preprocess
 from nasquant.errors import NasquantError
-from nasquant.eval.postprocess import postprocess
+from nasquant.eval.postprocess import detect
 from nasquant.runtime.base import Backend
 from nasquant.settings import PREDICT_NMS, NMSSettings
 
@@ -221,8 +221,7 @@ def benchmark_end_to_end(
 
     def call(index: int) -> None:
         tensor, _ = preprocess(images[index % len(images)], spec)
-        boxes, scores = backend.run(tensor[None])
-        postprocess(boxes, scores, nms)
+        detect(backend, tensor[None], nms)
 
     durations = _time_calls(
         _host_timed(call),

@@ -102,6 +102,39 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     print(f"annotated images and predictions.json written to {args.out}")
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from nasquant.settings import PREDICT_NMS
+
+    given = {
+        name: getattr(args, name)
+        for name in ("conf", "iou", "top_k", "max_det")
+        if getattr(args, name) is not None
+    }
+    if given and not args.nms:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise NasquantError(f"{flags} set the NMS built into an end-to-end graph: add --nms")
+    int8 = args.int8 or args.format == "onnx-int8"
+    path = _load(args, fuse=False).export(
+        args.output,
+        format=args.format,
+        imgsz=args.imgsz,
+        protocol=args.protocol,
+        dynamic_batch=args.dynamic_batch,
+        nms=replace(PREDICT_NMS, **given) if args.nms else False,
+        fp16=args.fp16,
+        int8=int8,
+        recipe=args.recipe,
+        calib=args.calib,
+    )
+    print(
+        f"{path}"
+        + (f" (run folder {path.parent}: the other flavour, DEPLOY.md, the calibration)" if int8 else "")
+    )
+    return 0
+
+
 def _gate(report: dict, points: float | None, label: str) -> int:
     """The CI mode: print each INT8 row that dropped too far; non-zero when any did."""
     from nasquant.report import check_drop
@@ -225,6 +258,7 @@ COMMANDS = {
     "info": _cmd_info,
     "val": _cmd_val,
     "predict": _cmd_predict,
+    "export": _cmd_export,
     "quantize": _cmd_quantize,
     "sensitivity": _cmd_sensitivity,
     "bench": _cmd_bench,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from typing import Any
+from typing import Any, get_args
 
 from nasquant._version import __version__
 from nasquant.errors import NasquantError
@@ -17,7 +17,7 @@ from nasquant.recipe import (
     ValidationSection,
     check_value,
 )
-from nasquant.settings import PREDICT_NMS, VAL_NMS, NMSSettings
+from nasquant.settings import PREDICT_NMS, VAL_NMS, ExportFormat, NMSSettings
 
 
 class _Parser(argparse.ArgumentParser):
@@ -63,29 +63,36 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_nms_arguments(
-    parser: argparse.ArgumentParser, defaults: NMSSettings, *, conf_note: str = "", top_k: bool = True
+    parser: argparse.ArgumentParser,
+    defaults: NMSSettings,
+    *,
+    conf_note: str = "",
+    top_k: bool = True,
+    built_in: str = "; an end-to-end graph's built-in value",
 ) -> None:
+    """``--conf --iou [--top-k] --max-det``; each left None when not given, so an end-to-end graph's
+    built-in settings apply (``built_in`` says so in the help) and the defaults otherwise."""
     parser.add_argument(
         "--conf",
         type=_CONF,
-        default=defaults.conf,
-        help=f"score threshold (default {defaults.conf}{conf_note})",
+        default=None,
+        help=f"score threshold (default {defaults.conf}{conf_note}{built_in})",
     )
     parser.add_argument(
-        "--iou", type=_IOU, default=defaults.iou, help=f"NMS IoU threshold (default {defaults.iou})"
+        "--iou", type=_IOU, default=None, help=f"NMS IoU threshold (default {defaults.iou}{built_in})"
     )
     if top_k:
         parser.add_argument(
             "--top-k",
             type=_TOP_K,
-            default=defaults.top_k,
-            help=f"candidates kept before NMS (default {defaults.top_k})",
+            default=None,
+            help=f"candidates kept before NMS (default {defaults.top_k}{built_in})",
         )
     parser.add_argument(
         "--max-det",
         type=_MAX_DET,
-        default=defaults.max_det,
-        help=f"detections kept per image (default {defaults.max_det})",
+        default=None,
+        help=f"detections kept per image (default {defaults.max_det}{built_in})",
     )
 
 
@@ -135,6 +142,46 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", default="runs/predict", help="output folder (default runs/predict)")
     _add_preprocess_arguments(predict)
     _add_nms_arguments(predict, PREDICT_NMS, top_k=False)
+
+    export = commands.add_parser(
+        "export", help="deployment files: ONNX (FP32, INT8, end-to-end), a TensorRT engine, OpenVINO IR"
+    )
+    _add_model_arguments(export)
+    export.add_argument(
+        "--format",
+        choices=get_args(ExportFormat),
+        default="onnx",
+        help="onnx (FP32), onnx-int8 (TensorRT + CPU flavours), engine (built here), openvino (IR); default onnx",
+    )
+    export.add_argument(
+        "--int8", action="store_true", help="INT8 engine / IR (calibrates: --recipe or --calib)"
+    )
+    export.add_argument("--fp16", action="store_true", help="FP16 engine, or IR with half-precision weights")
+    export.add_argument("--recipe", help="recipe YAML for INT8: calibration, float layers, export settings")
+    export.add_argument(
+        "--calib",
+        metavar="DATA",
+        help="calibration images for INT8 without a recipe (box branch kept in float)",
+    )
+    export.add_argument(
+        "--nms",
+        action="store_true",
+        help="end-to-end graph: NMS inside, outputs num_dets/det_boxes/det_scores/det_classes",
+    )
+    _add_nms_arguments(export, PREDICT_NMS, built_in=" (with --nms)")
+    export.add_argument(
+        "--imgsz", type=_SIZE, default=None, help="square input size (default: the model's own, else 640)"
+    )
+    export.add_argument("--dynamic-batch", action="store_true", help="dynamic batch dimension")
+    export.add_argument(
+        "--protocol",
+        choices=["sg", "letterbox"],
+        default="sg",
+        help="preprocessing recorded in the graph (sg)",
+    )
+    export.add_argument(
+        "--output", help="file to write (default: beside the checkpoint); for INT8 the run folder"
+    )
 
     quantize = commands.add_parser(
         "quantize", help="recipe → calibrated INT8 + FP32 ONNX, validated, benchmarked, report"

@@ -2,16 +2,22 @@
 
 Semantics are super-gradients' ``PPYoloEPostPredictionCallback``: candidates above ``conf``, the
 ``top_k`` best kept, torchvision's ``batched_nms`` (greedy, IoU > ``iou`` suppresses), at most
-``max_det`` detections per image in descending score order.
+``max_det`` detections per image in descending score order. An end-to-end graph has the same steps
+built in (:mod:`nasquant.export.nms`); :func:`detect` reads either kind of backend.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
 
+from nasquant.artifacts import KEY_NMS
+from nasquant.errors import NasquantError
+from nasquant.runtime.base import Backend
 from nasquant.settings import NMSSettings
 
 
@@ -45,6 +51,63 @@ def postprocess(
             f"expected boxes (B, A, 4) and scores (B, A, C), got {boxes.shape} and {scores.shape}"
         )
     return [_postprocess_image(b, s, settings) for b, s in zip(boxes, scores, strict=True)]
+
+
+def detect(backend: Backend, images: np.ndarray, settings: NMSSettings) -> list[Detections]:
+    """Detections per image of a preprocessed batch: ``backend``'s raw outputs post-processed with
+    ``settings``, or an end-to-end graph's own (whose built-in settings :func:`resolve_nms` gives)."""
+    return from_outputs(backend.run(images), settings, end_to_end=backend.end_to_end)
+
+
+def from_outputs(
+    outputs: tuple[np.ndarray, ...], settings: NMSSettings, *, end_to_end: bool
+) -> list[Detections]:
+    """Detections per image from a backend's outputs (:meth:`~nasquant.runtime.Backend.run`)."""
+    return unpack_end_to_end(*outputs) if end_to_end else postprocess(*outputs, settings)
+
+
+def unpack_end_to_end(
+    num_dets: np.ndarray, boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray
+) -> list[Detections]:
+    """Per-image :class:`Detections` from an end-to-end graph's padded outputs."""
+    return [
+        Detections(
+            boxes=np.asarray(b[:n], dtype=np.float32),
+            scores=np.asarray(s[:n], dtype=np.float32),
+            class_ids=np.asarray(c[:n], dtype=np.int64),
+        )
+        for n, b, s, c in zip(num_dets[:, 0].astype(int), boxes, scores, classes, strict=True)
+    ]
+
+
+def built_in_nms(metadata: Mapping[str, str], where: object) -> NMSSettings:
+    """The NMS settings an end-to-end graph records (:data:`~nasquant.artifacts.KEY_NMS`)."""
+    recorded = metadata.get(KEY_NMS)
+    if recorded is None:
+        raise NasquantError(f"{where}: an end-to-end graph without its NMS settings ({KEY_NMS}) recorded")
+    try:
+        return NMSSettings(**json.loads(recorded))
+    except (ValueError, TypeError) as exc:
+        raise NasquantError(f"{where}: its recorded NMS settings are unreadable ({exc})") from None
+
+
+def resolve_nms(backend: Backend, defaults: NMSSettings, **asked: float | int | None) -> NMSSettings:
+    """The NMS settings a run of ``backend`` uses: ``defaults`` with the ``asked`` (non-None) fields
+    replaced, or an end-to-end graph's built-in settings, which no asked value may contradict (its
+    detections are already final)."""
+    given = {name: value for name, value in asked.items() if value is not None}
+    if not backend.end_to_end:
+        return replace(defaults, **given)
+    built = built_in_nms(backend.metadata, backend.path)
+    differing = {name: value for name, value in given.items() if getattr(built, name) != value}
+    if differing:
+        have = ", ".join(f"{f.name}={getattr(built, f.name)}" for f in fields(built) if f.name in asked)
+        want = ", ".join(f"{name}={value}" for name, value in differing.items())
+        raise NasquantError(
+            f"{backend.path} has NMS built in ({have}) and cannot apply {want}: "
+            "use the raw graph, or export again with --nms and those settings"
+        )
+    return built
 
 
 def _as_float32(array: np.ndarray | torch.Tensor) -> np.ndarray:

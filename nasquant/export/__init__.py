@@ -1,8 +1,10 @@
-"""ONNX export: FP32 and INT8 (ModelOpt Q/DQ) graphs and the two INT8 flavours. The metadata keys and
+"""ONNX export: FP32 and INT8 (ModelOpt Q/DQ) graphs, the two INT8 flavours and end-to-end (NMS)
+copies of any of them. The metadata keys and
 I/O names they carry are the artifact contract, in :mod:`nasquant.artifacts`."""
 
 from nasquant.export.conv_layouts import space_to_depth_input_convs
 from nasquant.export.graph import count_qdq
+from nasquant.export.nms import append_nms, write_end_to_end
 from nasquant.export.onnx import export_onnx
 from nasquant.export.onnx_files import load_onnx, save_onnx, set_metadata
 from nasquant.export.qdq import (
@@ -16,6 +18,7 @@ from nasquant.export.qdq import (
 )
 
 __all__ = [
+    "append_nms",
     "count_qdq",
     "export_onnx",
     "load_onnx",
@@ -29,4 +32,5 @@ __all__ = [
     "to_cpu_flavor",
     "to_uint8_activations",
     "write_cpu_flavor",
+    "write_end_to_end",
 ]

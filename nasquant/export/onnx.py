@@ -21,8 +21,10 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import onnx
 import torch
+from onnx import TensorProto, numpy_helper
 
 from nasquant._version import __version__
 from nasquant.artifacts import (
@@ -38,8 +40,10 @@ from nasquant.artifacts import (
 from nasquant.data.preprocess import check_input_size
 from nasquant.errors import NasquantError
 from nasquant.export.graph import count_qdq
+from nasquant.export.nms import append_nms
 from nasquant.export.onnx_files import check_metadata, write_checked
 from nasquant.io import atomic_path
+from nasquant.settings import DEFAULT_FLOAT_WEIGHTS, FloatWeights, NMSSettings
 
 
 def export_onnx(
@@ -53,6 +57,8 @@ def export_onnx(
     metadata: Mapping[str, str] | None = None,
     simplify: bool = False,
     int8_weights: bool = True,
+    float_weights: FloatWeights = DEFAULT_FLOAT_WEIGHTS,
+    nms: NMSSettings | None = None,
 ) -> Path:
     """Write ``model`` as a checked ONNX graph at ``path``; return the path.
 
@@ -62,6 +68,9 @@ def export_onnx(
     ``simplify`` constant-folds and cleans the graph with onnxslim, keeping every Q/DQ node.
     ``int8_weights`` stores a quantized graph's weights as int8 (bit-identical outputs, tested); off,
     they stay float initializers behind a QuantizeLinear, as ModelOpt's exporter writes them.
+    ``float_weights`` is how a quantized graph stores the conv weights of its floating-point layers
+    (:data:`~nasquant.settings.FloatWeights`); an FP32 graph always keeps float32.
+    ``nms`` makes it an end-to-end graph (:func:`~nasquant.export.nms.append_nms`).
     """
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise NasquantError(
@@ -78,11 +87,16 @@ def export_onnx(
         graph = onnx.load(str(tmp))
         if simplify:
             graph = _simplify(graph)
-        if int8_weights and _has_op(graph, "QuantizeLinear"):
+        quantized = _has_op(graph, "QuantizeLinear")
+        if int8_weights and quantized:
             graph = store_int8_weights(graph)
+        if float_weights == "float16" and quantized:
+            store_half_float_weights(graph)
+        if nms is not None:
+            graph = append_nms(graph, nms)
         facts = {
             KEY_VERSION: __version__,
-            KEY_PRECISION: "int8" if _has_op(graph, "QuantizeLinear") else "fp32",
+            KEY_PRECISION: "int8" if quantized else "fp32",
             **(metadata or {}),
             # A fact about this very graph: it wins over a caller's value (e.g. copies exported for
             # benchmarking at another size than validation).
@@ -165,6 +179,33 @@ def store_int8_weights(model: onnx.ModelProto) -> onnx.ModelProto:
         return qdq_to_dq(copy.deepcopy(model))
     finally:
         converter_log.setLevel(level)
+
+
+def store_half_float_weights(model: onnx.ModelProto) -> None:
+    """Store every float32 conv weight initializer of ``model`` as float16 read through a Cast to
+    float32, in place.
+
+    The convs are the layers an INT8 graph keeps in floating point (the quantized ones read int8
+    weights through DequantizeLinear). Runtimes fold the Cast into a float32 constant when they load
+    the graph, so only the weights' rounding to half precision changes; TensorRT runs these layers in
+    FP16 anyway, ONNX Runtime and OpenVINO in float32 on the rounded values.
+    """
+    graph = model.graph
+    conv_weights = {node.input[1] for node in graph.node if node.op_type in ("Conv", "ConvTranspose")}
+    casts = []
+    for index, initializer in enumerate(graph.initializer):
+        if initializer.name not in conv_weights or initializer.data_type != TensorProto.FLOAT:
+            continue
+        name, half = initializer.name, numpy_helper.to_array(initializer).astype(np.float16)
+        stored = f"{name}_float16"
+        graph.initializer[index].CopyFrom(numpy_helper.from_array(half, stored))
+        casts.append(
+            onnx.helper.make_node("Cast", [stored], [name], to=TensorProto.FLOAT, name=f"{stored}/Cast")
+        )
+    # The Casts read only initializers: first in the node list keeps it topologically sorted.
+    nodes = [*casts, *graph.node]
+    del graph.node[:]
+    graph.node.extend(nodes)
 
 
 def _has_op(model: onnx.ModelProto, op_type: str) -> bool:

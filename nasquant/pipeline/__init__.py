@@ -8,6 +8,7 @@ unchanged. Every file is written under a temporary name and renamed when complet
 run never leaves a half-written artifact under a final name.
 """
 
+from nasquant.pipeline.export_job import ExportResult, run_export
 from nasquant.pipeline.run import open_run, run_quantize, run_sensitivity
 
-__all__ = ["open_run", "run_quantize", "run_sensitivity"]
+__all__ = ["ExportResult", "open_run", "run_export", "run_quantize", "run_sensitivity"]

@@ -54,9 +54,9 @@ class Calibrated:
     images: int
 
 
-def calibration_images(ctx: RunContext, validation: DetectionDataset) -> CalibrationImages:
-    """The calibration images, none showing a validation image, their names written to the run folder:
-    the recipe's ``image_list``, or (without one) the seeded draw."""
+def calibration_images(ctx: RunContext, validation: DetectionDataset | None) -> CalibrationImages:
+    """The calibration images, none showing a validation image (when there is a validation set), their
+    names written to the run folder: the recipe's ``image_list``, or (without one) the seeded draw."""
     section = ctx.fields(*SELECTION_READS).calibration
     data = ctx.recipe.resolve_path(section.data)
     image_list = Path(ctx.recipe.resolve_path(section.image_list)) if section.image_list else None
@@ -71,7 +71,8 @@ def calibration_images(ctx: RunContext, validation: DetectionDataset) -> Calibra
     chosen = select_calibration_images(
         source, num_images=section.num_images, seed=section.seed, image_list=image_list
     )
-    check_no_overlap(chosen.image_paths, validation.image_paths, allow=section.allow_overlap)
+    if validation is not None:
+        check_no_overlap(chosen.image_paths, validation.image_paths, allow=section.allow_overlap)
     # Absolute: the resolved recipe resolves relative paths against its own folder, not the cwd.
     written = (ctx.run_dir / CALIBRATION_LIST_NAME).resolve()
     if image_list is not None:
@@ -104,7 +105,7 @@ def calibrate(ctx: RunContext, loaded: Loaded, images: DetectionDataset) -> Cali
         per_channel = fields.quantization.per_channel_weights
         batches = (b.images for b in iter_batches(images, loaded.spec, section.batch_size))
         model = modelopt_calibrate(
-            loaded.nas.model,
+            loaded.detector.model,
             batches,
             method=section.method,
             percentile=section.percentile,
@@ -133,5 +134,5 @@ def calibrate(ctx: RunContext, loaded: Loaded, images: DetectionDataset) -> Cali
         summary=lambda _: f"{len(images)} images, {section.method}",
         outputs=[path],
     )
-    model = calibrated[0] if calibrated else load_calibration(loaded.nas.model, path)
+    model = calibrated[0] if calibrated else load_calibration(loaded.detector.model, path)
     return Calibrated(model, record.key, len(images))

@@ -29,7 +29,7 @@ def evaluate(ctx: RunContext, loaded: Loaded, artifact: Artifact) -> ReportRow:
 
     def open_artifact(path) -> Backend:
         if artifact.backend == "torch":
-            return TorchBackend(loaded.nas.model, device="cpu")
+            return TorchBackend(loaded.detector.model, device="cpu")
         return open_backend(path, threads=bench.threads)
 
     def compute() -> dict:
@@ -56,7 +56,7 @@ def evaluate(ctx: RunContext, loaded: Loaded, artifact: Artifact) -> ReportRow:
                 iterations=bench.iterations,
                 progress=ctx.progress,
                 images=samples if bench.end_to_end else None,
-                spec=loaded.nas.preprocessing(validation.protocol, bench_size),
+                spec=loaded.detector.preprocessing(validation.protocol, bench_size),
             )
         row = timing.row_fields()
         return {

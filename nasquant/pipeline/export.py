@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from nasquant.artifacts import FLAVORS, KEY_FLAVOR, KEY_FP_LAYERS, KEY_RECIPE_HASH
-from nasquant.export import export_onnx, write_cpu_flavor
+from nasquant.artifacts import FLAVORS, KEY_FLAVOR, KEY_FP_LAYERS, KEY_RECIPE_HASH, end_to_end_path
+from nasquant.export import export_onnx, write_cpu_flavor, write_end_to_end
 from nasquant.pipeline.context import RecipeFields, RunContext, cached_stage, stage_key
 from nasquant.pipeline.load import Loaded
 from nasquant.pipeline.select import Selection
@@ -66,7 +66,7 @@ def export(ctx: RunContext, loaded: Loaded, selection: Selection, calibration_ke
         sizes[bench_size] = True
     calibrated = (calibration_key,)
     variants = [
-        _Variant("ORT FP32", loaded.nas.model, "fp32", "model.fp32", [], None, ()),
+        _Variant("ORT FP32", loaded.detector.model, "fp32", "model.fp32", [], None, ()),
         _Variant(
             "ORT INT8 selective",
             selection.selective,
@@ -131,16 +131,18 @@ def _export_variant(
         for bench in sizes.values()
         for flavor in (FLAVORS if int8 else [None])
     ]
+    section = fields.export
+    # End-to-end copies of the graphs at the model's size: what ships, not what is timed.
+    end_to_end = [end_to_end_path(path) for path in outputs if section.nms and path.parent == layout.run_dir]
     metadata = {
         # what a consumer needs besides the graph (names, preprocessing) and where the graph came from
-        **loaded.nas.onnx_metadata(fields.validation.protocol, loaded.spec.imgsz),
+        **loaded.detector.onnx_metadata(fields.validation.protocol, loaded.spec.imgsz),
         KEY_RECIPE_HASH: provenance,
         KEY_FLAVOR: "trt" if int8 else "",
         KEY_FP_LAYERS: json.dumps(variant.fp_layers),
     }
 
     def compute() -> dict:
-        section = fields.export
         for size, bench in sizes.items():
             target = layout.graph(variant.stem, "trt" if int8 else None, bench=bench)
             export_onnx(
@@ -151,12 +153,18 @@ def _export_variant(
                 dynamic_batch=section.dynamic_batch,
                 opset=section.opset,
                 simplify=section.simplify,
+                float_weights=section.float_weights,
                 metadata=metadata,
             )
             if int8:  # the CPU flavour is a rewrite of the TensorRT one: one calibration, two graphs
                 write_cpu_flavor(target, layout.graph(variant.stem, "cpu", bench=bench))
-        return {"files": [str(p) for p in outputs]}
+        for raw in outputs:
+            if end_to_end_path(raw) in end_to_end:
+                write_end_to_end(raw, end_to_end_path(raw), section.nms_settings)
+        return {"files": [str(p) for p in outputs + end_to_end]}
 
-    names = sorted({path.name for path in outputs})
-    summary = f"{', '.join(names)} (opset {fields.export.opset})"
-    cached_stage(ctx, f"export {variant.stem}", key, compute, summary=lambda _: summary, outputs=outputs)
+    names = sorted({path.name for path in outputs + end_to_end})
+    summary = f"{', '.join(names)} (opset {section.opset})"
+    cached_stage(
+        ctx, f"export {variant.stem}", key, compute, summary=lambda _: summary, outputs=outputs + end_to_end
+    )

@@ -27,12 +27,19 @@ from nasquant.report.deploy import render_deploy_guide, write_deploy_guide
 
 @contextlib.contextmanager
 def open_run(
-    recipe: Recipe, *, output: str | os.PathLike | None, resume: bool, progress: bool, log: Log
+    recipe: Recipe,
+    *,
+    output: str | os.PathLike | None,
+    resume: bool,
+    progress: bool,
+    log: Log,
+    required: tuple[str, ...] = ("calibration.data", "validation.data"),
 ) -> Iterator[RunContext]:
     """The run folder, locked for as long as the context is open: a second run into it is refused in
     one line; what a killed run left (lock, partial files) is taken over and said so; the previous
-    report goes before any stage writes, so an interrupted run never leaves a report beside other models."""
-    recipe.require("calibration.data", "validation.data", purpose="to quantize")
+    report goes before any stage writes, so an interrupted run never leaves a report beside other models.
+    ``required``: the recipe fields the job cannot run without."""
+    recipe.require(*required, purpose="to quantize")
     run_dir = Path(output) if output else recipe.output_dir
     # Nothing in the folder is touched before the lock is held: another live run may be writing there.
     with run_lock(run_dir) as lock:
@@ -55,7 +62,7 @@ def open_run(
 
 
 @dataclass(frozen=True)
-class _Calibrated:
+class CalibratedStart:
     """The start both jobs share: the context (its recipe pinning the calibration draw), the loaded
     model and its calibration."""
 
@@ -64,7 +71,7 @@ class _Calibrated:
     calibrated: Calibrated
 
 
-def _calibrated(ctx: RunContext) -> _Calibrated:
+def calibrated_start(ctx: RunContext) -> CalibratedStart:
     """Load, choose the calibration images and calibrate."""
     ctx.recipe.dump(ctx.run_dir)
     set_threads(ctx.recipe.benchmark.threads)
@@ -73,12 +80,12 @@ def _calibrated(ctx: RunContext) -> _Calibrated:
     if images.recipe is not ctx.recipe:
         ctx = replace(ctx, recipe=images.recipe)
         ctx.recipe.dump(ctx.run_dir)
-    return _Calibrated(ctx, loaded, calibrate(ctx, loaded, images.dataset))
+    return CalibratedStart(ctx, loaded, calibrate(ctx, loaded, images.dataset))
 
 
 def quantize(ctx: RunContext) -> dict:
     """Every stage, then the report; returns the report dict (``report.json`` plus ``run_dir``)."""
-    start = _calibrated(ctx)
+    start = calibrated_start(ctx)
     ctx, loaded, calibrated = start.ctx, start.loaded, start.calibrated
     selection = select(ctx, loaded, calibrated)
     if selection.recipe is not ctx.recipe:
@@ -88,14 +95,14 @@ def quantize(ctx: RunContext) -> dict:
     built = engines(ctx, exported)
     artifacts = exported.artifacts + built.artifacts
     rows = paired(ctx, loaded, artifacts, [evaluate(ctx, loaded, artifact) for artifact in artifacts])
-    _deploy_guide(ctx, loaded, exported)
+    write_guide(ctx, loaded, exported)
     recipe = ctx.recipe
     files = write_report(
         ctx.run_dir,
         recipe=recipe.to_dict(),
         host=host_info(ort_threads=recipe.benchmark.threads),
         rows=rows + built.skipped_rows,
-        title=f"{recipe.name}: FP32 vs INT8 ({loaded.nas.variant}, {loaded.validation.name})",
+        title=f"{recipe.name}: FP32 vs INT8 ({loaded.detector.variant}, {loaded.validation.name})",
     )
     ctx.log(f"[report] {files['md']}")
     report = load_report(files["json"])
@@ -103,7 +110,8 @@ def quantize(ctx: RunContext) -> dict:
     return report
 
 
-def _deploy_guide(ctx: RunContext, loaded: Loaded, exported: Exported) -> None:
+def write_guide(ctx: RunContext, loaded: Loaded, exported: Exported) -> None:
+    """DEPLOY.md for the run's FP32 and selective INT8 graphs."""
     started = time.perf_counter()
     fields = ctx.fields("engines", "input.batch", "validation.nms")
     fp32 = next(a for a in exported.artifacts if a.backend == "onnxruntime" and a.precision == "fp32")
@@ -115,7 +123,7 @@ def _deploy_guide(ctx: RunContext, loaded: Loaded, exported: Exported) -> None:
         settings=settings,
         spec=loaded.spec,
         nms=fields.validation.nms,
-        class_names=list(loaded.nas.names),
+        class_names=list(loaded.detector.names),
         skipped_layers=int8.skipped_layers,
         fixed_batch=source.batch,
     )
@@ -145,5 +153,5 @@ def run_sensitivity(
 ) -> Sensitivity:
     """Calibrate ``recipe``'s model and write its per-layer sensitivity evidence into the run folder."""
     with open_run(recipe, output=output, resume=resume, progress=progress, log=log) as ctx:
-        start = _calibrated(ctx)
+        start = calibrated_start(ctx)
         return sensitivity(start.ctx, start.loaded, start.calibrated)

@@ -60,6 +60,7 @@ class Selection:
 def sensitivity(ctx: RunContext, loaded: Loaded, calibrated: Calibrated) -> Sensitivity:
     """Per-layer sensitivity (and, for ``skip: auto``, the search), with the three evidence files.
     Analysis and search are cached apart: a new budget reuses the measured layers."""
+    ctx.recipe.require("validation.data", purpose="to measure sensitivity (and for quantization.skip: auto)")
     fields = ctx.fields(*SENSITIVITY_READS)
     section, validation = fields.quantization, fields.validation
     sample = select_calibration_images(
@@ -93,7 +94,7 @@ def sensitivity(ctx: RunContext, loaded: Loaded, calibrated: Calibrated) -> Sens
     def compute() -> dict:
         images = np.concatenate([b.images for b in iter_batches(sample, loaded.spec, validation.batch_size)])
         analysis = analyze(
-            loaded.nas.model,
+            loaded.detector.model,
             calibrated.model,
             images,
             evaluate=evaluate,

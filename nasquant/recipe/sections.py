@@ -18,8 +18,11 @@ from nasquant.artifacts import MAX_INPUT_SIZE, MAX_OPSET, MAX_STRIDE, MIN_OPSET,
 from nasquant.errors import NasquantError
 from nasquant.io import atomic_path
 from nasquant.settings import (
+    DEFAULT_FLOAT_WEIGHTS,
+    PREDICT_NMS,
     VAL_NMS,
     CalibrationMethod,
+    FloatWeights,
     HardwareCompatibility,
     NMSSettings,
     Precision,
@@ -154,6 +157,28 @@ class ExportSection:
     """Export the batch dimension as dynamic instead of ``input.batch``."""
     simplify: bool = True
     """Constant-fold and simplify the exported graph."""
+    float_weights: FloatWeights = DEFAULT_FLOAT_WEIGHTS
+    """How an INT8 graph stores the weights of its floating-point layers (quantized layers' weights are
+    int8): float16 halves their bytes and is what TensorRT runs them in (INT8 engines enable FP16);
+    float32 keeps ONNX Runtime's outputs bit-identical to float storage."""
+    nms: bool = False
+    """Also write an end-to-end copy of each graph (``model.int8-nms.trt.onnx``, ...): NMS inside, outputs
+    ``num_dets``/``det_boxes``/``det_scores``/``det_classes`` (DEPLOY.md), with the ``nms_*`` settings."""
+    nms_conf: float = _constrained(PREDICT_NMS.conf, gt=0, le=1)
+    """End-to-end graphs: score threshold per (anchor, class); a deployment value, not mAP's 0.01."""
+    nms_iou: float = _constrained(PREDICT_NMS.iou, gt=0, le=1)
+    """End-to-end graphs: class-aware NMS IoU threshold."""
+    nms_top_k: int = _constrained(PREDICT_NMS.top_k, ge=1)
+    """End-to-end graphs: (anchor, class) candidates kept before NMS."""
+    nms_max_det: int = _constrained(PREDICT_NMS.max_det, ge=1)
+    """End-to-end graphs: detections per image (K of the ``det_*`` outputs)."""
+
+    @property
+    def nms_settings(self) -> NMSSettings:
+        """The end-to-end graphs' NMS settings."""
+        return NMSSettings(
+            conf=self.nms_conf, iou=self.nms_iou, top_k=self.nms_top_k, max_det=self.nms_max_det
+        )
 
 
 @dataclass(frozen=True)

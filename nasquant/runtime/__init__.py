@@ -3,14 +3,18 @@
 import os
 from pathlib import Path
 
-from nasquant.artifacts import ENGINE_SUFFIXES
+from nasquant.artifacts import ENGINE_SUFFIXES, IR_SUFFIX, ONNX_SUFFIX
 from nasquant.errors import NasquantError
 from nasquant.runtime.base import Backend, parse_device
 from nasquant.runtime.torch_backend import TorchBackend, resolve_device
 
+#: what ``open_backend``'s ``runtime`` may be for an ONNX graph (None: ONNX Runtime)
+RUNTIMES = (None, "onnxruntime", "openvino")
+
 __all__ = [
     "Backend",
     "OnnxRuntimeBackend",
+    "OpenVINOBackend",
     "TensorRTBackend",
     "TorchBackend",
     "check_device",
@@ -27,6 +31,10 @@ def __getattr__(name: str):
         from nasquant.runtime import onnxruntime_backend
 
         return getattr(onnxruntime_backend, name)
+    if name == "OpenVINOBackend":  # never imports openvino itself (an optional extra): the backend does
+        from nasquant.runtime.openvino_backend import OpenVINOBackend
+
+        return OpenVINOBackend
     if name == "TensorRTBackend":  # never imports tensorrt itself: the backend does, when built
         from nasquant.runtime.tensorrt_backend import TensorRTBackend
 
@@ -47,16 +55,36 @@ def check_device(path: str | os.PathLike, device: str | None) -> int | None:
 
 
 def open_backend(
-    path: str | os.PathLike, *, device: str | None = None, threads: int | None = None
+    path: str | os.PathLike,
+    *,
+    device: str | None = None,
+    threads: int | None = None,
+    runtime: str | None = None,
 ) -> Backend:
     """The backend for an exported model file: ``.onnx`` runs on ONNX Runtime (``device`` picks the
-    provider, ``threads`` its intra-op threads), ``.engine`` / ``.plan`` on TensorRT (``cuda:N``).
-    Close it when done (or use ``with``)."""
+    provider, ``threads`` its intra-op threads), or on OpenVINO (CPU) with ``runtime="openvino"``;
+    ``.xml`` (OpenVINO IR) on OpenVINO; ``.engine`` / ``.plan`` on TensorRT (``cuda:N``). ``runtime``
+    chooses only for an ONNX graph (``onnxruntime``, ``openvino``; None: ONNX Runtime). Close the
+    backend when done (or use ``with``)."""
+    suffix = Path(path).suffix.lower()
+    if runtime not in RUNTIMES:
+        raise NasquantError(
+            f"unknown runtime {runtime!r}; expected one of {', '.join(r for r in RUNTIMES if r)}"
+        )
+    if runtime is not None and suffix != ONNX_SUFFIX and (suffix, runtime) != (IR_SUFFIX, "openvino"):
+        raise NasquantError(
+            f"runtime {runtime!r} cannot run {Path(path).name}: the runtime is a choice for {ONNX_SUFFIX} "
+            f"graphs; {IR_SUFFIX} runs on openvino, {' / '.join(ENGINE_SUFFIXES)} on TensorRT"
+        )
     index = check_device(path, device)
     if index is not None:
         from nasquant.runtime.tensorrt_backend import TensorRTBackend
 
         return TensorRTBackend(path, device=index)
+    if runtime == "openvino" or suffix == IR_SUFFIX:
+        from nasquant.runtime.openvino_backend import OpenVINOBackend
+
+        return OpenVINOBackend(path, device=device, threads=threads)
     from nasquant.runtime.onnxruntime_backend import OnnxRuntimeBackend
 
     return OnnxRuntimeBackend(path, device=device, threads=threads)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from time import perf_counter_ns
 from types import MappingProxyType
@@ -16,6 +16,7 @@ from typing import TypeVar
 
 import numpy as np
 
+from nasquant.artifacts import END_TO_END_OUTPUT_NAMES, OUTPUT_NAMES
 from nasquant.errors import NasquantError
 
 _Opened = TypeVar("_Opened", bound="Backend")
@@ -34,11 +35,34 @@ def parse_device(device: str | None) -> tuple[str, int | None] | None:
     return match.group(1), int(match.group(2)) if match.group(2) is not None else None
 
 
+def contract_outputs(names: Sequence[str], where: object) -> tuple[tuple[str, ...], bool]:
+    """The outputs a backend returns, in contract order, and whether the graph is end-to-end: the
+    four detection outputs when all are present, else ``boxes``/``scores``, else a foreign graph's
+    first two outputs (read as boxes and scores)."""
+    if set(END_TO_END_OUTPUT_NAMES) <= set(names):
+        return END_TO_END_OUTPUT_NAMES, True
+    if set(OUTPUT_NAMES) <= set(names):
+        return OUTPUT_NAMES, False
+    if len(names) < 2:
+        raise NasquantError(f"{where}: expected boxes and scores outputs, found {list(names)}")
+    return tuple(names[:2]), False
+
+
+def float32_outputs(outputs: Sequence[np.ndarray], count: int) -> tuple[np.ndarray, ...]:
+    """The first ``count`` rows of each output (padding dropped), float outputs as float32."""
+    return tuple(
+        out[:count].astype(np.float32, copy=False) if out.dtype.kind == "f" else out[:count]
+        for out in outputs
+    )
+
+
 class Backend(ABC):
     """Runs a preprocessed batch and returns decoded network outputs.
 
-    ``run`` takes float32 ``(N, 3, H, W)`` images in [0, 1] and returns ``(boxes, scores)`` as float32
-    numpy arrays: ``(N, A, 4)`` xyxy in input pixels and ``(N, A, C)`` class probabilities.
+    ``run`` takes float32 ``(N, 3, H, W)`` images in [0, 1] and returns the graph's outputs as numpy
+    arrays in the order of :data:`~nasquant.artifacts.OUTPUT_NAMES` — ``(boxes, scores)``, float32
+    ``(N, A, 4)`` xyxy in input pixels and ``(N, A, C)`` class probabilities — or, for an end-to-end
+    graph (NMS inside, ``end_to_end``), of :data:`~nasquant.artifacts.END_TO_END_OUTPUT_NAMES`.
 
     A backend holds runtime resources (sessions, device memory, CUDA streams): use it as a context
     manager, or call :meth:`close`, which is idempotent.
@@ -58,11 +82,13 @@ class Backend(ABC):
     input_size: int | None = None
     #: the artifact's fixed batch; None when the batch is dynamic
     batch_size: int | None = None
+    #: the graph ends in detections (NMS inside): ``run`` returns ``END_TO_END_OUTPUT_NAMES``
+    end_to_end: bool = False
     #: set by :meth:`close`
     closed: bool = False
 
     @abstractmethod
-    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+    def run(self, images: np.ndarray) -> tuple[np.ndarray, ...]: ...
 
     def close(self) -> None:
         """Release what the backend holds; calling it again does nothing."""

@@ -20,9 +20,9 @@ from onnxruntime.capi.onnxruntime_pybind11_state import (
 )
 from onnxruntime.capi.onnxruntime_pybind11_state import NotImplemented as OrtNotImplemented
 
-from nasquant.artifacts import KEY_PRECISION, OUTPUT_NAMES
+from nasquant.artifacts import KEY_PRECISION
 from nasquant.errors import NasquantError, first_line
-from nasquant.runtime.base import Backend, parse_device
+from nasquant.runtime.base import Backend, contract_outputs, float32_outputs, parse_device
 
 OPTIMIZATION_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -78,11 +78,9 @@ class OnnxRuntimeBackend(Backend):
         self.input_size = shape[2] if isinstance(shape[2], int) else None
         self._spatial = tuple(d if isinstance(d, int) else None for d in shape[1:])
         outputs = [o.name for o in self.session.get_outputs()]
-        if len(outputs) < 2:
-            raise NasquantError(f"{self.path}: expected boxes and scores outputs, found {outputs}")
-        self._output_names = list(OUTPUT_NAMES) if set(OUTPUT_NAMES) <= set(outputs) else outputs[:2]
+        self._output_names, self.end_to_end = contract_outputs(outputs, self.path)
 
-    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def run(self, images: np.ndarray) -> tuple[np.ndarray, ...]:
         images = np.ascontiguousarray(images, dtype=np.float32)
         if images.ndim != 4:
             raise NasquantError(f"expected a (N, 3, H, W) batch, got shape {images.shape}")
@@ -93,8 +91,7 @@ class OnnxRuntimeBackend(Backend):
                     f"got {tuple(images.shape)}"
                 )
         images, count = self.padded(images)
-        boxes, scores = self.session.run(self._output_names, {self._input_name: images})
-        return boxes[:count].astype(np.float32, copy=False), scores[:count].astype(np.float32, copy=False)
+        return float32_outputs(self.session.run(list(self._output_names), {self._input_name: images}), count)
 
     def _release(self) -> None:
         # ONNX Runtime has no explicit close: the session (and its arena) goes with the last reference.

@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from nasquant.artifacts import INPUT_NAME, OUTPUT_NAMES, EngineSidecar
+from nasquant.artifacts import INPUT_NAME, EngineSidecar
 from nasquant.cuda import CudaRuntime, import_tensorrt
 from nasquant.errors import NasquantError
-from nasquant.runtime.base import Backend
+from nasquant.runtime.base import Backend, contract_outputs, float32_outputs
 
 
 class TensorRTBackend(Backend):
@@ -82,9 +82,10 @@ class TensorRTBackend(Backend):
             dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(name)))
             self.buffers[name] = _Buffer(self.cuda, shape, dtype)
             self.context.set_tensor_address(name, self.buffers[name].device)
-        missing = {INPUT_NAME, *OUTPUT_NAMES} - self.buffers.keys()
-        if missing:
-            raise NasquantError(f"{self.path}: engine lacks the tensors {', '.join(sorted(missing))}")
+        if INPUT_NAME not in self.buffers:
+            raise NasquantError(f"{self.path}: engine lacks the input tensor {INPUT_NAME}")
+        outputs = [name for name in self.buffers if name != INPUT_NAME]
+        self._output_names, self.end_to_end = contract_outputs(outputs, self.path)
 
     def _release(self) -> None:
         rt = self.cuda.rt
@@ -109,15 +110,14 @@ class TensorRTBackend(Backend):
         # dynamic batch: the profile's maximum (profile 0, the one nasquant builds)
         return int(self.engine.get_tensor_profile_shape(INPUT_NAME, 0)[2][0])
 
-    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        boxes, scores, _ = self._execute(images, timed=False)
-        return boxes, scores
+    def run(self, images: np.ndarray) -> tuple[np.ndarray, ...]:
+        return self._execute(images, timed=False)[0]
 
     def timed_run(self, images: np.ndarray) -> int:
         """Nanoseconds between CUDA events around copy-in, execution and copy-out on the stream."""
-        return self._execute(images, timed=True)[2]
+        return self._execute(images, timed=True)[1]
 
-    def _execute(self, images: np.ndarray, *, timed: bool) -> tuple[np.ndarray, np.ndarray, int]:
+    def _execute(self, images: np.ndarray, *, timed: bool) -> tuple[tuple[np.ndarray, ...], int]:
         images, count = self.padded(images, limit=self.max_batch)
         images = np.ascontiguousarray(images, dtype=self.buffers[INPUT_NAME].dtype)
         rt, stream = self.cuda.rt, self.stream
@@ -128,7 +128,7 @@ class TensorRTBackend(Backend):
         if not self.context.execute_async_v3(int(stream)):
             raise NasquantError(f"{self.path.name}: TensorRT execution failed")
         outputs = []
-        for name in OUTPUT_NAMES:
+        for name in self._output_names:
             shape = tuple(self.context.get_tensor_shape(name))
             outputs.append(self.buffers[name].download(shape, stream))
         if timed:
@@ -137,8 +137,8 @@ class TensorRTBackend(Backend):
         elapsed_ns = 0
         if timed:
             elapsed_ns = int(self.cuda.check(rt.cudaEventElapsedTime(self.start, self.end)) * 1e6)
-        boxes, scores = (np.array(view[:count], dtype=np.float32) for view in outputs)  # out of pinned memory
-        return boxes, scores, elapsed_ns
+        # copied out of pinned memory, which the next run overwrites
+        return float32_outputs([np.array(view) for view in outputs], count), elapsed_ns
 
 
 class _Buffer:

@@ -111,6 +111,41 @@ def test_int8_weight_storage_is_bit_identical_and_a_quarter_of_the_bytes(
             np.testing.assert_array_equal(got[1], want[1])
 
 
+def test_float_layers_of_an_int8_graph_store_half_precision_weights(
+    calibrated: torch.nn.Module, tmp_path: Path
+) -> None:
+    selective, kept = keep_in_float(calibrated, ["heads.head*.reg_convs.*", "heads.head*.reg_pred"])
+    images = np.random.default_rng(3).random((1, 3, IMGSZ, IMGSZ), dtype=np.float32)
+    graphs = {}
+    for storage in ("float16", "float32"):
+        trt = export_onnx(selective, tmp_path / f"{storage}.trt.onnx", imgsz=IMGSZ, float_weights=storage)
+        graphs[storage] = {"trt": trt, "cpu": write_cpu_flavor(trt, tmp_path / f"{storage}.cpu.onnx")}
+    for flavor in ("trt", "cpu"):
+        half, full = (onnx.load(str(graphs[s][flavor])) for s in ("float16", "float32"))
+        float_convs = [
+            n
+            for n in full.graph.node
+            if n.op_type == "Conv" and n.input[1] in {i.name for i in full.graph.initializer}
+        ]
+        assert len(float_convs) == len(kept) == 6, flavor  # 3 heads x (tower conv, reg_pred)
+        stored = {i.name: i for i in half.graph.initializer}
+        casts = {n.output[0]: n for n in half.graph.node if n.op_type == "Cast" and n.input[0] in stored}
+        # each float conv reads its weight through a Cast of a float16 initializer; nothing else changed
+        for conv in float_convs:
+            assert stored[casts[conv.input[1]].input[0]].data_type == TensorProto.FLOAT16
+        assert len(casts) == len(float_convs)
+        assert count_qdq(half) == count_qdq(full)
+        weight_bytes = sum(numpy_helper.to_array(i).nbytes for i in full.graph.initializer if i.name in casts)
+        saved = graphs["float32"][flavor].stat().st_size - graphs["float16"][flavor].stat().st_size
+        assert abs(saved - weight_bytes / 2) < 0.01 * weight_bytes, flavor
+        # Rounding weights to 11 significant bits moves the outputs far less than the INT8 grid does.
+        got = OnnxRuntimeBackend(graphs["float16"][flavor]).run(images)
+        want = OnnxRuntimeBackend(graphs["float32"][flavor]).run(images)
+        int8_scale = np.abs(want[0]).max() / 127
+        assert 0 < np.abs(got[0] - want[0]).max() < int8_scale, flavor
+        np.testing.assert_allclose(got[1], want[1], atol=1e-3)
+
+
 def test_to_uint8_activations_shifts_only_activation_zero_points(flavors: dict[str, Path]) -> None:
     signed = onnx.load(str(flavors["trt"]))
     original = signed.SerializeToString()

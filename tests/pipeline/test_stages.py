@@ -42,10 +42,10 @@ def loaded(folder: Path) -> Loaded:
 def test_load_gives_the_fused_model_its_preprocessing_and_the_validation_subset(
     loaded: Loaded, tmp_path: Path
 ) -> None:
-    assert loaded.nas.model.is_fused and loaded.spec.imgsz == 320
+    assert loaded.detector.model.is_fused and loaded.spec.imgsz == 320
     assert len(loaded.val_subset) == 8 and len(loaded.validation) == 300
     renamed = load(_context(tmp_path, **{"model.class_names": "[a,b,c,d,e,f]"}))
-    assert renamed.nas.names == list("abcdef")
+    assert renamed.detector.names == list("abcdef")
     assert renamed.weights_key == loaded.weights_key, "names do not change what calibration depends on"
     assert renamed.key != loaded.key, "they do change what an exported graph records"
 

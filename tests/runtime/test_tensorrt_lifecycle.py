@@ -242,7 +242,7 @@ def test_a_constructor_that_fails_half_way_frees_what_it_allocated(
     monkeypatch.setattr(
         tensorrt_backend, "import_tensorrt", lambda: fake_tensorrt(log, (INPUT_NAME, "boxes"))
     )
-    with pytest.raises(NasquantError, match="engine lacks the tensors scores"):
+    with pytest.raises(NasquantError, match=r"expected boxes and scores outputs, found \[.boxes.\]"):
         TensorRTBackend(engine_file(tmp_path))
     assert_nothing_live(fake_cuda)
     assert log == ["context", "engine"]
