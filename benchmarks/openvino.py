@@ -113,10 +113,16 @@ def _open(row: Row, size: str) -> OpenVINOBackend:
 def _calibration_images(recipe, imgsz: int) -> list[np.ndarray]:
     section = recipe.calibration
     chosen = select_calibration_images(
-        load_dataset(section.data, kind=section.format), num_images=section.num_images, image_list=section.image_list
+        load_dataset(section.data, kind=section.format),
+        num_images=section.num_images,
+        image_list=section.image_list,
     )
     spec = NAS(recipe.resolve_path(recipe.model.checkpoint)).preprocessing(recipe.validation.protocol, imgsz)
-    return [image[None] for batch in iter_batches(chosen, spec, 8, progress="calib images") for image in batch.images]
+    return [
+        image[None]
+        for batch in iter_batches(chosen, spec, 8, progress="calib images")
+        for image in batch.images
+    ]
 
 
 def _rows(run: ArtifactLayout, recipe, work: Path) -> list[Row]:
@@ -130,7 +136,9 @@ def _rows(run: ArtifactLayout, recipe, work: Path) -> list[Row]:
         sys.exit(f"{missing[0]} not found: run `bash benchmarks/shapes_report.sh` first (or pass --run)")
     rows = [Row("OpenVINO FP32 (f32)", fp32, ort_reference=fp32)]
     if _has_bf16():
-        rows.append(Row("OpenVINO FP32 (bf16 compute, OpenVINO's default here)", fp32, inference_precision="bf16"))
+        rows.append(
+            Row("OpenVINO FP32 (bf16 compute, OpenVINO's default here)", fp32, inference_precision="bf16")
+        )
     rows += [
         Row("nasquant INT8, CPU flavour", cpu, ort_reference=cpu),
         Row("nasquant INT8, TensorRT flavour", trt, ort_reference=trt),
@@ -140,8 +148,12 @@ def _rows(run: ArtifactLayout, recipe, work: Path) -> list[Row]:
     for label, rewrite in SINGLE_PASSES.items():
         files = {}
         for size, path in trt.items():
-            files[size] = save_onnx(rewrite(load_onnx(path)), work / size / f"trt.{label.replace(' ', '_')}.onnx")
-        rows.append(Row(f"TensorRT flavour + {label}, core.read_model", files, read_model=True, ort_reference=files))
+            files[size] = save_onnx(
+                rewrite(load_onnx(path)), work / size / f"trt.{label.replace(' ', '_')}.onnx"
+            )
+        rows.append(
+            Row(f"TensorRT flavour + {label}, core.read_model", files, read_model=True, ort_reference=files)
+        )
     for row in rows:
         if row.read_model:
             row.files = {size: _read_model_ir(path, work) for size, path in row.files.items()}
@@ -219,10 +231,19 @@ def main() -> None:
         "run": str(args.run),
         "rounds": args.rounds,
         "ours_vs_nncf_expert": head_to_head,
-        "rows": [{k: v for k, v in asdict(row).items() if k not in ("files", "ort_reference")} for row in rows],
+        "rows": [
+            {k: v for k, v in asdict(row).items() if k not in ("files", "ort_reference")} for row in rows
+        ],
     }
     write_json(HERE / "openvino.json", record)
     _write_markdown(record)
+
+
+def _speed(row: dict) -> str:
+    if row["speedup_vs_fp32"] is None:
+        return "—"
+    q1, q3 = row["speedup_iqr"]
+    return f"{row['speedup_vs_fp32']:.2f}× ({q1:.2f}–{q3:.2f})"
 
 
 def _write_markdown(record: dict) -> None:
@@ -242,12 +263,9 @@ def _write_markdown(record: dict) -> None:
     ]
     for row in rows:
         diff = row["mean_score_diff_vs_ort"]
-        speed = row["speedup_vs_fp32"]
         lines.append(
             f"| {row['name']} | {row['map50_95'] * 100:.2f} | {(row['map50_95'] - fp32_map) * 100:+.2f} | "
-            f"{'—' if diff is None else f'{diff:.1e}'} | "
-            f"{'—' if speed is None else f'{speed:.2f}× ({row['speedup_iqr'][0]:.2f}–{row['speedup_iqr'][1]:.2f})'} | "
-            f"{row['weights_mb']:.1f} |"
+            f"{'—' if diff is None else f'{diff:.1e}'} | {_speed(row)} | {row['weights_mb']:.1f} |"
         )
     lines += [
         "",

@@ -18,6 +18,7 @@ from nasquant.artifacts import (
     DEFAULT_IMGSZ,
     ENGINE_SUFFIXES,
     EXPORTED_SUFFIXES,
+    IR_SUFFIX,
     KEY_FLAVOR,
     KEY_FP_LAYERS,
     KEY_INPUT_SIZE,
@@ -109,9 +110,10 @@ class NAS:
     """A YOLO-NAS detector: ``.info() .val() .predict() .export()`` on one object.
 
     ``model`` is a checkpoint (.pt/.pth/.safetensors), a folder, a URL or an alias (``yolo_nas_s``), or
-    an exported file: an ``.onnx`` graph (a run folder's ``model.int8.cpu.onnx``, say) or a TensorRT
-    ``.engine``. An exported file is run as it is (ONNX Runtime or TensorRT) and read as it records
-    itself (names, preprocessing); ``export`` and quantization need the checkpoint it came from.
+    an exported file: an ``.onnx`` graph (a run folder's ``model.int8.cpu.onnx``, say), OpenVINO IR
+    (``.xml``) or a TensorRT ``.engine``. An exported file is run as it is (ONNX Runtime, OpenVINO or
+    TensorRT) and read as it records itself (names, preprocessing); ``export`` and quantization need the
+    checkpoint it came from.
 
     >>> model = NAS("yolo_nas_s")          # doctest: +SKIP
     >>> model.val(data="coco8.yaml")["map50_95"]  # doctest: +SKIP
@@ -229,7 +231,7 @@ class NAS:
             return {
                 **common,
                 "sha256": self.exported.sha256,
-                "format": "tensorrt" if self.exported.path.suffix.lower() in ENGINE_SUFFIXES else "onnx",
+                "format": _file_format(self.exported.path),
                 "num_classes": len(self.names) or None,
                 "names": self.names,
                 "precision": metadata.get(KEY_PRECISION),
@@ -414,6 +416,11 @@ class NAS:
 
     def __repr__(self) -> str:
         return f"NAS({self.variant}, {len(self.names) or '?'} classes, {self.source.name})"
+
+
+def _file_format(path: Path) -> str:
+    suffix = path.suffix.lower()
+    return "tensorrt" if suffix in ENGINE_SUFFIXES else "openvino" if suffix == IR_SUFFIX else "onnx"
 
 
 def _expand(item: str | os.PathLike | np.ndarray) -> list:

@@ -31,10 +31,14 @@ from nasquant.io import write_json
 ONNX_SUFFIX = ".onnx"
 #: OpenVINO IR: the graph (``.xml``) and its weights beside it, same stem (``.bin``)
 IR_SUFFIX, IR_WEIGHTS_SUFFIX = ".xml", ".bin"
+#: Where in an IR's ``rt_info`` nasquant's metadata lives, as one JSON object of strings. (OpenVINO's
+#: converter also copies ONNX metadata into ``rt_info/framework``, but that is undocumented and turns
+#: each key into an XML element name, which not every metadata key is.)
+IR_METADATA = ("nasquant", "metadata")
 #: a serialized TensorRT engine, run by TensorRT
 ENGINE_SUFFIXES = (".engine", ".plan")
 #: every exported file a backend (not a checkpoint loader) opens
-EXPORTED_SUFFIXES = (ONNX_SUFFIX, *ENGINE_SUFFIXES)
+EXPORTED_SUFFIXES = (ONNX_SUFFIX, IR_SUFFIX, *ENGINE_SUFFIXES)
 
 
 #: Input side when neither the user nor the checkpoint says (Deci's COCO models are 640).
@@ -172,10 +176,13 @@ BATCH_AXIS = "batch"
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     """What an exported file records about itself: an ONNX graph's ``metadata_props`` (every key,
-    nasquant's and others'), or for an engine the metadata of the ONNX it was built from (its sidecar)."""
+    nasquant's and others'), for an engine the metadata of the ONNX it was built from (its sidecar),
+    for OpenVINO IR the ONNX's metadata its export kept (empty for an IR nasquant did not write)."""
     path = Path(path)
     if path.suffix.lower() in ENGINE_SUFFIXES:
         return dict(EngineSidecar.read(path).onnx_metadata)
+    if path.suffix.lower() == IR_SUFFIX:
+        return _ir_metadata(path)
     if not path.is_file():
         raise NasquantError(f"ONNX model not found: {path}")
     import onnx
@@ -188,6 +195,31 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     if not model.graph.node:
         raise NasquantError(f"cannot read ONNX model {path}: it holds no graph (an empty or foreign file?)")
     return {prop.key: prop.value for prop in model.metadata_props}
+
+
+def _ir_metadata(path: Path) -> dict[str, str]:
+    # Read from the XML itself, so describing an IR needs no OpenVINO. expat expands no external
+    # entities and bounds entity amplification, so an untrusted file cannot make this read explode.
+    from xml.etree import ElementTree
+
+    if not path.is_file():
+        raise NasquantError(f"OpenVINO IR not found: {path}")
+    try:
+        root = ElementTree.parse(path).getroot()
+    except (ElementTree.ParseError, OSError) as exc:
+        raise NasquantError(f"cannot read OpenVINO IR {path}: {first_line(exc)}") from None
+    if root.tag != "net":
+        raise NasquantError(f"cannot read OpenVINO IR {path}: not an IR (its root is <{root.tag}>)")
+    entry = root.find("/".join(("rt_info", *IR_METADATA)))
+    if entry is None:
+        return {}
+    try:
+        metadata = json.loads(entry.get("value", ""))
+    except ValueError:
+        metadata = None
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise NasquantError(f"{path}: rt_info {'/'.join(IR_METADATA)} is not a JSON object of strings")
+    return metadata
 
 
 # --- engine sidecars -------------------------------------------------------------------------------

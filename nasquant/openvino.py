@@ -16,13 +16,10 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from nasquant.artifacts import IR_METADATA
 from nasquant.errors import NasquantError, first_line
 
 INSTALL_HINT = "pip install 'nasquant[openvino]'"
-#: Where in an IR's ``rt_info`` nasquant's metadata lives, as one JSON object of strings. OpenVINO's
-#: converter also copies ONNX metadata into ``rt_info/framework``, but that is undocumented and turns
-#: each key into an XML element name, which not every metadata key is.
-IR_METADATA = ("nasquant", "metadata")
 
 
 def import_openvino(purpose: str) -> ModuleType:
@@ -43,20 +40,8 @@ def convert_onnx(path: str | os.PathLike, purpose: str) -> Any:
         raise NasquantError(f"OpenVINO cannot convert {path}: {message(exc)}") from None
 
 
-def ir_metadata(model: Any, where: object) -> dict[str, str]:
-    """The metadata nasquant's IR export wrote into ``model``'s ``rt_info``; empty for a foreign IR."""
-    if not model.has_rt_info(list(IR_METADATA)):
-        return {}
-    try:
-        metadata = json.loads(model.get_rt_info(list(IR_METADATA)).astype(str))
-    except json.JSONDecodeError:
-        metadata = None
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise NasquantError(f"{where}: rt_info {'/'.join(IR_METADATA)} is not a JSON object of strings")
-    return metadata
-
-
 def set_ir_metadata(model: Any, metadata: dict[str, str]) -> None:
+    """Record ``metadata`` where :func:`nasquant.artifacts.read_metadata` reads an IR's."""
     model.set_rt_info(json.dumps(metadata, sort_keys=True), list(IR_METADATA))
 
 
@@ -70,6 +55,13 @@ def read_ir(xml_path: Path, purpose: str) -> Any:
         return ov.Core().read_model(str(xml_path))
     except RuntimeError as exc:
         raise NasquantError(f"cannot load OpenVINO IR {xml_path}: {message(exc)}") from None
+
+
+def cpu_has_bf16() -> bool:
+    """Whether OpenVINO's CPU plugin computes in bf16 here (AVX-512 BF16 or AMX): then bf16 is its
+    default inference precision, which nasquant pins to f32 unless asked."""
+    ov = import_openvino("checking the CPU's bf16 support")
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
 def message(exc: BaseException) -> str:

@@ -14,6 +14,10 @@ from nasquant.data.datasets import iter_batches, load_dataset
 from nasquant.export import export_onnx, write_cpu_flavor
 from tests.shared import shared_path
 
+# No network from the tests: OpenVINO's converter sends usage telemetry to Intel unless it sees a CI
+# run (or the user opted out with `opt_in_out --opt_out`). Set before any test imports openvino.
+os.environ.setdefault("CI", "true")
+
 
 class _RunsCommandWhenUnpickled:
     """Unpickling this calls os.system: the classic malicious checkpoint."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -260,3 +261,24 @@ def test_export_mistakes_give_one_line(shapes_pt: Path, tmp_path: Path, capsys) 
     code = main([*model, "--output", str(tmp_path / "model.engine")])
     _assert_one_line_error(code, capsys.readouterr().err, "writes a .onnx file")
     assert not list(tmp_path.iterdir())  # refused before anything was written
+
+
+@pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="OpenVINO is not installed")
+def test_export_openvino_ir_is_described_and_validated_like_any_exported_file(
+    shapes_pt: Path, tmp_path: Path, capsys
+) -> None:
+    xml = tmp_path / "shapes.xml"
+    assert main(["export", "--model", str(shapes_pt), "--format", "openvino", "--output", str(xml)]) == 0
+    assert xml.with_suffix(".bin").is_file() and xml.with_suffix(".onnx").is_file()  # the IR's source too
+    assert main(["info", "--model", str(xml)]) == 0
+    described = capsys.readouterr().out
+    assert "format         openvino" in described and "circle, square" in described
+    out = tmp_path / "metrics.json"
+    data = str(shared_path("data", "shapes", "val", "annotations.json"))
+    assert main(["val", "--model", str(xml), "--data", data, "--json", str(out)]) == 0
+    metrics = json.loads(out.read_text())
+    assert metrics["backend"] == "openvino" and metrics["imgsz"] == 320
+    assert abs(metrics["map50_95"] - _recorded_fp32_map()) <= 0.005
+    capsys.readouterr()
+    code = main(["val", "--model", str(xml), "--data", data, "--device", "cuda"])
+    _assert_one_line_error(code, capsys.readouterr().err, "CPU only")

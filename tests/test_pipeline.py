@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -21,7 +22,10 @@ QUICK = [
     "benchmark.warmup=1",
     "benchmark.iterations=3",
     "quantization.quantize_all_baseline=false",
+    "openvino.bf16=false",  # the bf16 row is OpenVINO's own compute choice; the backend tests cover it
 ]
+#: the OpenVINO rows, present when the extra is installed (CI installs it)
+OPENVINO = importlib.util.find_spec("openvino") is not None
 
 
 def _quantize(output: Path, *overrides: str, resume: bool = False) -> int:
@@ -43,6 +47,7 @@ def test_run_folder_holds_every_artifact_and_the_report(run_dir: Path) -> None:
     for name in (
         "recipe.resolved.yaml", "report.md", "report.json", "accuracy_latency.png", "calibration.safetensors",
         "model.fp32.onnx", "model.int8.trt.onnx", "model.int8.cpu.onnx", "DEPLOY.md",
+        "model.fp32-nms.onnx", "model.int8-nms.trt.onnx", "model.int8-nms.cpu.onnx",  # export.nms: true
     ):  # fmt: skip
         assert (run_dir / name).stat().st_size > 0, name
     assert not list(run_dir.glob("*.part")), "no temporary file is left behind"
@@ -55,8 +60,10 @@ def test_report_rows_follow_the_contract(run_dir: Path) -> None:
     report = json.loads((run_dir / "report.json").read_text())
     assert set(report) == {"recipe", "host", "rows"}
     rows = {row["name"]: row for row in report["rows"]}
+    openvino = ["OpenVINO FP32", "OpenVINO INT8 selective", "OpenVINO INT8 selective (trt flavor)"]
     assert list(rows) == [
-        "torch FP32", "ORT FP32", "ORT INT8 selective", "ORT INT8 selective (trt flavor)", "TRT FP16", "TRT INT8",
+        "torch FP32", "ORT FP32", "ORT INT8 selective", "ORT INT8 selective (trt flavor)",
+        *(openvino if OPENVINO else []), "TRT FP16", "TRT INT8",
     ]  # fmt: skip
     from nasquant.cuda import tensorrt_unavailable
 
@@ -79,6 +86,14 @@ def test_report_rows_follow_the_contract(run_dir: Path) -> None:
     assert paired["speedup_method"] == "paired" and paired["speedup_paired_rounds"] == 1  # 3 iterations
     assert paired["speedup_paired_q1"] <= paired["speedup_paired"] <= paired["speedup_paired_q3"]
     assert isinstance(int8["extra"]["contended"], bool) and int8["extra"]["bench_attempts"] >= 1
+    if OPENVINO:
+        ov_fp32, ov_int8 = rows["OpenVINO FP32"], rows["OpenVINO INT8 selective (trt flavor)"]
+        assert ov_fp32["backend"] == ov_int8["backend"] == "openvino" and ov_int8["flavor"] == "trt"
+        # the same FP32 file at f32 compute: ORT's mAP to float rounding
+        assert ov_fp32["map50_95"] == pytest.approx(rows["ORT FP32"]["map50_95"], abs=1e-3)
+        assert abs(ov_int8["delta_map50_95"]) < 0.02 and ov_int8["skipped_layers"] == int8_skipped
+        # its speedup is over OpenVINO FP32, timed back to back
+        assert ov_int8["speedup"] == ov_int8["extra"]["speedup_paired"] > 0
 
 
 def test_resume_reuses_finished_stages_and_redoes_changed_ones(run_dir: Path, tmp_path: Path, capsys) -> None:
@@ -131,7 +146,8 @@ def test_resume_reruns_exactly_the_stages_that_read_a_changed_field(
     resumed = tmp_path / "resumed"
     shutil.copytree(run_dir, resumed)
     capsys.readouterr()
-    assert _quantize(resumed, change, resume=True) == 0
+    # OpenVINO's rows read the same graphs; left out here, they would only rerun with the ORT ones
+    assert _quantize(resumed, change, "openvino.enabled=false", resume=True) == 0
     lines = {
         line.split("]")[0][1:]: line for line in capsys.readouterr().out.splitlines() if line.startswith("[")
     }
@@ -258,6 +274,12 @@ def test_the_deploy_guide_hands_off_commands_and_the_io_contract(run_dir: Path) 
     assert any("--useDLACore" in line for line in trtexec_lines)  # the Jetson DLA variant
     for fact in ("N x 3 x 320 x 320", "divide by 255", "value 114", "IoU > 0.7", "0: "):
         assert fact in guide, fact
+    # the run's end-to-end graphs, named as written, with the settings they were built with
+    assert (
+        "`model.fp32-nms.onnx`, `model.int8-nms.trt.onnx`, `model.int8-nms.cpu.onnx` end in detections"
+        in guide
+    )
+    assert "conf 0.25, IoU 0.7" in guide
 
 
 def test_skip_auto_searches_and_records_its_choice(tmp_path: Path, capsys) -> None:

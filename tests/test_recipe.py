@@ -512,7 +512,7 @@ output: {dir: somewhere, fail_on_drop: 1}
 def test_to_dict_round_trip_is_identity(path: Path | str, tmp_path: Path) -> None:
     recipe = load_recipe(write(tmp_path, CUSTOM) if path == "custom" else path)
     data = recipe.to_dict()
-    assert list(data) == ["name", "model", "input", "calibration", "quantization", "export", "engines",
+    assert list(data) == ["name", "model", "input", "calibration", "quantization", "export", "engines", "openvino",
                           "validation", "benchmark", "output"]  # fmt: skip
     assert yaml.safe_load(yaml.safe_dump(data)) == data == json.loads(json.dumps(data))
     again = recipe_from_dict(data)

@@ -32,6 +32,7 @@ _DISTRIBUTIONS: dict[str, tuple[str, ...]] = {
     "modelopt": ("nvidia-modelopt",),
     "numpy": ("numpy",),
     "tensorrt": ("tensorrt", "tensorrt-cu13", "tensorrt-cu12"),
+    "openvino": ("openvino",),
     "opencv": ("opencv-python-headless", "opencv-python", "opencv-contrib-python"),
 }
 

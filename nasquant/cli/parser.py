@@ -55,7 +55,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--model",
         required=True,
         help="checkpoint (.pt/.pth/.safetensors), folder, URL or alias yolo_nas_s|m|l, "
-        "or an exported .onnx/.engine (e.g. a run's model.int8.cpu.onnx)",
+        "or an exported .onnx/.xml (OpenVINO IR)/.engine (e.g. a run's model.int8.cpu.onnx)",
     )
     parser.add_argument("--variant", help="expected variant (yolo_nas_s|m|l); checked against the weights")
     parser.add_argument("--sha256", help="expected sha256 of the model file (downloads are verified)")

@@ -154,7 +154,10 @@ def _simplify(model: onnx.ModelProto) -> onnx.ModelProto:
     before = count_qdq(model)
     # Common-subexpression elimination merges the separate quantizers ModelOpt puts on each consumer
     # of a shared tensor; equal numerics, but the Q/DQ placement TensorRT sees must stay ModelOpt's.
-    simplified = onnxslim.slim(model, skip_optimizations=["subexpression_elimination"])
+    # Weight tying merges equal initializers: the all-zero weight zero points of every conv with the
+    # same channel count, the neck's ConvTransposes (DequantizeLinear axis 1) among them. OpenVINO
+    # then cannot fold that zero point into the convs' (axis 0) weights and runs 37 of them in f32.
+    simplified = onnxslim.slim(model, skip_optimizations=["subexpression_elimination", "weight_tying"])
     after = count_qdq(simplified)
     if after != before:
         raise NasquantError(

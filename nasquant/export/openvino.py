@@ -6,7 +6,7 @@ memory-mapped from the ``.bin``. Both go through ``ov.convert_model`` (:mod:`nas
 they run the same model. An INT8 Q/DQ graph becomes FakeQuantize on activations over int8 weight
 constants, so its IR stays about a quarter of the FP32 one's size and OpenVINO's CPU plugin runs its
 convolutions on integer kernels. The ONNX metadata (class names, preprocessing, precision, ...) goes into
-the IR's ``rt_info`` (:data:`nasquant.openvino.IR_METADATA`).
+the IR's ``rt_info`` (:data:`nasquant.artifacts.IR_METADATA`), where ``read_metadata`` finds it.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 from nasquant.artifacts import IR_SUFFIX, IR_WEIGHTS_SUFFIX, KEY_PRECISION, ONNX_SUFFIX, read_metadata
 from nasquant.errors import NasquantError
 from nasquant.io import PART_SUFFIX
-from nasquant.openvino import convert_onnx, import_openvino, ir_metadata, read_ir, set_ir_metadata
+from nasquant.openvino import convert_onnx, import_openvino, set_ir_metadata
 
 _PURPOSE = "OpenVINO IR export"
 
@@ -54,14 +54,6 @@ def export_openvino(
     set_ir_metadata(model, metadata)
     _save_atomically(ov, model, xml_path, compress_to_fp16=compress_to_fp16)
     return xml_path
-
-
-def read_ir_metadata(xml_path: str | os.PathLike) -> dict[str, str]:
-    """The metadata :func:`export_openvino` wrote into an IR; empty for an IR nasquant did not write."""
-    xml_path = Path(xml_path)
-    if not xml_path.is_file():
-        raise NasquantError(f"OpenVINO IR not found: {xml_path}")
-    return ir_metadata(read_ir(xml_path, "reading OpenVINO IR"), xml_path)
 
 
 def _save_atomically(ov: ModuleType, model: Any, xml_path: Path, *, compress_to_fp16: bool) -> None:

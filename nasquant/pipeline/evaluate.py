@@ -4,6 +4,7 @@ report row each) and ``paired <artifact>`` (its speedup over FP32, timed back to
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 from nasquant.bench import benchmark, paired_speedup
 from nasquant.bench.latency import CALLS_PER_ROUND
@@ -25,18 +26,15 @@ def evaluate(ctx: RunContext, loaded: Loaded, artifact: Artifact) -> ReportRow:
     validation, bench = fields.validation, fields.benchmark
     identity = file_key(artifact.path) if artifact.path else stage_key(loaded.weights_key, "torch-fused")
     images = [str(p) for p in loaded.val_subset.image_paths]
-    key = stage_key(identity, fields.values, loaded.spec, images)
-
-    def open_artifact(path) -> Backend:
-        if artifact.backend == "torch":
-            return TorchBackend(loaded.detector.model, device="cpu")
-        return open_backend(path, threads=bench.threads)
+    key = stage_key(
+        identity, artifact.backend, artifact.inference_precision, fields.values, loaded.spec, images
+    )
 
     def compute() -> dict:
         # A static-batch graph runs only the batch it was exported with.
         static = artifact.backend != "torch" and not fields.export.dynamic_batch
         batch = bench.batch_sizes[0] if static else validation.batch_size
-        with open_artifact(artifact.path) as backend:
+        with open_artifact(artifact, artifact.path, loaded, threads=bench.threads) as backend:
             metrics = validate(
                 backend,
                 loaded.val_subset,
@@ -47,7 +45,7 @@ def evaluate(ctx: RunContext, loaded: Loaded, artifact: Artifact) -> ReportRow:
             )
         bench_size = bench.size or loaded.spec.imgsz
         samples = [read_image(p) for p in loaded.val_subset.image_paths[:END_TO_END_IMAGES]]
-        with open_artifact(artifact.bench_path) as backend:
+        with open_artifact(artifact, artifact.bench_path, loaded, threads=bench.threads) as backend:
             timing = benchmark(
                 backend,
                 imgsz=bench_size,
@@ -88,6 +86,20 @@ def evaluate(ctx: RunContext, loaded: Loaded, artifact: Artifact) -> ReportRow:
     )
 
 
+def open_artifact(artifact: Artifact, path: Path | None, loaded: Loaded, *, threads: int | None) -> Backend:
+    """The backend a report row runs on: torch for the module, OpenVINO at the row's compute precision,
+    else the file's own runtime."""
+    if artifact.backend == "torch":
+        return TorchBackend(loaded.detector.model, device="cpu")
+    if artifact.backend == "openvino":
+        from nasquant.runtime import OpenVINOBackend
+
+        return OpenVINOBackend(
+            path, threads=threads, inference_precision=artifact.inference_precision or "f32"
+        )
+    return open_backend(path, threads=threads)
+
+
 def paired(
     ctx: RunContext, loaded: Loaded, artifacts: list[Artifact], rows: list[ReportRow]
 ) -> list[ReportRow]:
@@ -97,19 +109,30 @@ def paired(
     runs."""
     fields = ctx.fields("benchmark")
     bench = fields.benchmark
-    fp32 = {a.backend: a for a in artifacts if a.precision == "fp32" and a.bench_path is not None}
+    # each backend's FP32 graph at its default compute (OpenVINO's bf16 row is compared with f32)
+    fp32 = {
+        a.backend: a
+        for a in reversed(artifacts)
+        if a.precision == "fp32" and a.bench_path is not None and a.inference_precision in (None, "f32")
+    }
     finished = []
     for artifact, row in zip(artifacts, rows, strict=True):
         reference = fp32.get(artifact.backend)
         if reference is None or artifact is reference or not row.ok:
             finished.append(row)
             continue
-        key = stage_key(file_key(reference.bench_path), file_key(artifact.bench_path), fields.values)
+        key = stage_key(
+            file_key(reference.bench_path),
+            file_key(artifact.bench_path),
+            artifact.backend,
+            artifact.inference_precision,
+            fields.values,
+        )
 
         def compute(reference: Artifact = reference, candidate: Artifact = artifact) -> dict:
             with (
-                open_backend(reference.bench_path, threads=bench.threads) as fp32_backend,
-                open_backend(candidate.bench_path, threads=bench.threads) as backend,
+                open_artifact(reference, reference.bench_path, loaded, threads=bench.threads) as fp32_backend,
+                open_artifact(candidate, candidate.bench_path, loaded, threads=bench.threads) as backend,
             ):
                 ratio = paired_speedup(
                     fp32_backend,

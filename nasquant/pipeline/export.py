@@ -3,14 +3,16 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from nasquant.artifacts import FLAVORS, KEY_FLAVOR, KEY_FP_LAYERS, KEY_RECIPE_HASH, end_to_end_path
 from nasquant.export import export_onnx, write_cpu_flavor, write_end_to_end
+from nasquant.openvino import cpu_has_bf16
 from nasquant.pipeline.context import RecipeFields, RunContext, cached_stage, stage_key
 from nasquant.pipeline.load import Loaded
 from nasquant.pipeline.select import Selection
@@ -34,6 +36,8 @@ class Artifact:
     bench_path: Path | None = None
     fp_reason: str | None = None
     """Why ``skipped_layers`` are the float layers (recipe list, search result), for the report."""
+    inference_precision: str | None = None
+    """OpenVINO's compute precision (``f32``, or ``bf16`` for its labelled row); None elsewhere."""
 
 
 @dataclass(frozen=True)
@@ -108,7 +112,32 @@ def export(ctx: RunContext, loaded: Loaded, selection: Selection, calibration_ke
                 )
             )
         _export_variant(ctx, loaded, selection, fields, variant, sizes)
-    return Exported(artifacts)
+    section = ctx.fields("openvino").openvino
+    return Exported(
+        artifacts + openvino_artifacts(artifacts, bf16=section.bf16) if section.enabled else artifacts
+    )
+
+
+def openvino_artifacts(artifacts: list[Artifact], *, bf16: bool) -> list[Artifact]:
+    """The same graphs on OpenVINO, when it is installed (``nasquant[openvino]``): FP32 at f32 compute,
+    FP32 at bf16 compute (``bf16``) where the CPU has it (OpenVINO's own default there, so a labelled row
+    of its own), and the selective INT8 graphs, both flavours (the quantize-everything baseline stays
+    ORT's)."""
+    if importlib.util.find_spec("openvino") is None:
+        return []
+    rows = []
+    for artifact in artifacts:
+        if artifact.backend != "onnxruntime" or artifact.name.startswith("ORT INT8 all-layers"):
+            continue
+        name = artifact.name.replace("ORT ", "OpenVINO ", 1)
+        rows.append(replace(artifact, name=name, backend="openvino", inference_precision="f32"))
+        if artifact.precision == "fp32" and bf16 and cpu_has_bf16():
+            rows.append(
+                replace(
+                    artifact, name=f"{name} (bf16 compute)", backend="openvino", inference_precision="bf16"
+                )
+            )
+    return rows
 
 
 def _export_variant(

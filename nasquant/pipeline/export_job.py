@@ -149,6 +149,8 @@ def _openvino(ctx: RunContext, graphs: dict[str, Path]) -> list[Path]:
     outputs = [xml, xml.with_suffix(".bin")]
 
     def compute() -> dict:
+        # OpenVINO stores a quantized model's float layers in f32 whatever it is asked (its FP16
+        # compression skips quantized models): the IR is int8 weights plus the float layers in full.
         return {"xml": str(export_openvino(source, xml))}
 
     cached_stage(

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from nasquant.artifacts import end_to_end_path
 from nasquant.bench import host_info, set_threads
 from nasquant.io import describe_holder, remove_stale_parts, run_lock
 from nasquant.pipeline.calibrate import Calibrated, calibrate, calibration_images
@@ -113,9 +114,12 @@ def quantize(ctx: RunContext) -> dict:
 def write_guide(ctx: RunContext, loaded: Loaded, exported: Exported) -> None:
     """DEPLOY.md for the run's FP32 and selective INT8 graphs."""
     started = time.perf_counter()
-    fields = ctx.fields("engines", "input.batch", "validation.nms")
+    fields = ctx.fields("engines", "input.batch", "validation.nms", "export")
+    section = fields.export
     fp32 = next(a for a in exported.artifacts if a.backend == "onnxruntime" and a.precision == "fp32")
     int8 = next(a for a in exported.artifacts if a.flavor == "trt")
+    cpu = next(a for a in exported.artifacts if a.flavor == "cpu")
+    graphs = [fp32.path, int8.path, cpu.path]
     settings, source = settings_for(fields, fp32.path, "int8")
     guide = render_deploy_guide(
         fp32_onnx=Path(fp32.path.name),  # the guide sits beside the files it names
@@ -126,6 +130,8 @@ def write_guide(ctx: RunContext, loaded: Loaded, exported: Exported) -> None:
         class_names=list(loaded.detector.names),
         skipped_layers=int8.skipped_layers,
         fixed_batch=source.batch,
+        end_to_end=[Path(end_to_end_path(graph).name) for graph in graphs] if section.nms else None,
+        end_to_end_nms=section.nms_settings if section.nms else None,
     )
     ctx.finished("deploy", str(write_deploy_guide(ctx.run_dir, guide)), started)
 

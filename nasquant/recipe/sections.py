@@ -282,6 +282,17 @@ class OutputSection:
 
 
 @dataclass(frozen=True)
+class OpenVINOSection:
+    """Report rows on OpenVINO's CPU plugin, when OpenVINO is installed (``nasquant[openvino]``)."""
+
+    enabled: bool = True
+    """Validate and time the FP32 graph and the selective INT8 graphs (both flavours) on OpenVINO too,
+    at f32 compute."""
+    bf16: bool = True
+    """Also the FP32 graph at bf16 compute, where the CPU has it (OpenVINO's own default there)."""
+
+
+@dataclass(frozen=True)
 class Recipe:
     """A validated recipe. Paths are already resolved; ``source`` is the file it came from."""
 
@@ -293,6 +304,7 @@ class Recipe:
     quantization: QuantizationSection = field(default_factory=QuantizationSection)
     export: ExportSection = field(default_factory=ExportSection)
     engines: EnginesSection = field(default_factory=EnginesSection)
+    openvino: OpenVINOSection = field(default_factory=OpenVINOSection)
     validation: ValidationSection = field(default_factory=ValidationSection)
     benchmark: BenchmarkSection = field(default_factory=BenchmarkSection)
     output: OutputSection = field(default_factory=OutputSection)

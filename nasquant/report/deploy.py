@@ -13,7 +13,7 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from nasquant.artifacts import DEPLOY_MD, INPUT_NAME, OUTPUT_NAMES, engine_path
+from nasquant.artifacts import DEPLOY_MD, END_TO_END_OUTPUT_NAMES, INPUT_NAME, OUTPUT_NAMES, engine_path
 from nasquant.data.preprocess import Preprocess
 from nasquant.export.engine_plan import (
     EngineSettings,
@@ -44,8 +44,11 @@ def render_deploy_guide(
     class_names: list[str],
     skipped_layers: list[str],
     fixed_batch: int | None = None,
+    end_to_end: list[Path] | None = None,
+    end_to_end_nms: NMSSettings | None = None,
 ) -> str:
-    """The guide's Markdown; file paths appear as given (the pipeline passes names beside the guide)."""
+    """The guide's Markdown; file paths appear as given (the pipeline passes names beside the guide).
+    ``end_to_end``: the run's end-to-end (NMS inside) graphs, built with ``end_to_end_nms``."""
     fp16, int8 = replace(settings, precision="fp16"), replace(settings, precision="int8")
     strong = replace(int8, engines=replace(settings.engines, typing="strong"))
     dla_engines = replace(settings.engines, dla_core=0, gpu_fallback=True, hardware_compatibility="none")
@@ -164,12 +167,23 @@ def render_deploy_guide(
         "  whether 8.5 builds int8 weight initializers feeding DequantizeLinear is not tested.",
         "- No TensorRT: the ONNX Runtime CPU flavour (`*.int8.cpu.onnx`) runs the same INT8 model on the CPU.",
         "",
+        "## Intel CPUs / iGPUs: OpenVINO",
+        "",
+        "`nasquant export --model <checkpoint> --format openvino --int8 --recipe <recipe>` writes the IR",
+        "(`.xml` + `.bin`) from the CPU flavour; `nasquant val --model <ir>.xml` checks it. Handing OpenVINO an",
+        "`.onnx` yourself: use `ov.convert_model` (what nasquant does), not `core.read_model`, which skips the",
+        "converter's transformations and computes the TensorRT flavour's signed activation grids differently",
+        "(-1.2 mAP points on the shapes fixture; the CPU flavour is unaffected; benchmarks/openvino.md).",
+        "OpenVINO's CPU default compute is bf16 where the CPU has it: pin `INFERENCE_PRECISION_HINT` to",
+        "`f32` to get the validated numbers.",
+        "",
         "## Input / output contract",
         "",
         f"- input `{INPUT_NAME}`: float32, N x 3 x {spec.imgsz} x {spec.imgsz} ({batch}), RGB, NCHW, values in [0, 1]",
         f"- output `{OUTPUT_NAMES[0]}`: float32, N x A x 4, boxes as x1, y1, x2, y2 in input-image pixels",
         f"- output `{OUTPUT_NAMES[1]}`: float32, N x A x {len(class_names)}, per-class probabilities (sigmoid applied)",
         "",
+        *_end_to_end_section(end_to_end or [], end_to_end_nms, len(class_names)),
         "## Pre-processing (reproduce exactly: mAP depends on it)",
         "",
         "1. Decode to RGB uint8 (OpenCV decodes BGR: convert).",
@@ -204,6 +218,41 @@ def render_deploy_guide(
         "",
     ]
     return "\n".join(lines)
+
+
+def _end_to_end_section(files: list[Path], nms: NMSSettings | None, classes: int) -> list[str]:
+    if files and nms is not None:
+        names = ", ".join(f"`{path}`" for path in files)
+        intro = [
+            f"{names} end in detections: NMS built in with conf {nms.conf}, IoU {nms.iou}, top-k {nms.top_k},",
+            f"at most {nms.max_det} detections per image (K). Build an engine from the `-nms.trt` graph with the",
+            "lines above, the file name swapped.",
+        ]
+    else:
+        intro = [
+            "Set `export.nms: true` in the recipe (or run `nasquant export --nms`) for graphs that end in",
+            "detections, NMS built in with the `export.nms_*` settings (default: predict's conf 0.25).",
+        ]
+    k = nms.max_det if files and nms is not None else "K"
+    return [
+        "## End-to-end graphs (NMS inside)",
+        "",
+        *intro,
+        "Their outputs replace `boxes`/`scores`, in TensorRT EfficientNMS's convention:",
+        "",
+        f"- `{END_TO_END_OUTPUT_NAMES[0]}`: int32, N x 1, detections per image",
+        f"- `{END_TO_END_OUTPUT_NAMES[1]}`: float32, N x {k} x 4, x1, y1, x2, y2 in input-image pixels",
+        f"- `{END_TO_END_OUTPUT_NAMES[2]}`: float32, N x {k}, best first",
+        f"- `{END_TO_END_OUTPUT_NAMES[3]}`: int32, N x {k}, class ids 0..{classes - 1}",
+        "",
+        "Rows past `num_dets` are zero. Only step 4 of the post-processing below (back to the original",
+        "image) is left to the application. The NMS is the standard ONNX `NonMaxSuppression` (per class)",
+        "between TopK selections, so ONNX Runtime and OpenVINO run the same file, and TensorRT's ONNX parser",
+        "builds it into its native NMS layer (`INMSLayer`, TensorRT 8.6+): no plugin library to ship, where",
+        "an `EfficientNMS_TRT` plugin node would run on TensorRT alone. nasquant's tests check the",
+        "detections equal its own post-processing (ONNX Runtime); a TensorRT build of it has not been run yet.",
+        "",
+    ]
 
 
 def _trtexec(onnx_path: Path, settings: EngineSettings, tensorrt_version: str) -> str:

@@ -85,7 +85,12 @@ def host_summary(host: dict[str, Any]) -> str:
     if host.get("python"):
         parts.append(f"Python {host['python']}")
     versions = host.get("versions") or {}
-    for key, label in (("torch", "torch"), ("onnxruntime", "onnxruntime"), ("tensorrt", "TensorRT")):
+    for key, label in (
+        ("torch", "torch"),
+        ("onnxruntime", "onnxruntime"),
+        ("openvino", "OpenVINO"),
+        ("tensorrt", "TensorRT"),
+    ):
         if versions.get(key):
             parts.append(f"{label} {versions[key]}")
     threads = (host.get("threads") or {}).get("torch")

@@ -18,7 +18,12 @@ from matplotlib.ticker import ScalarFormatter
 from nasquant.report.markdown import hardware_summary
 
 # Fixed colours per backend so the same runtime looks the same in every report.
-_BACKEND_COLOURS = {"torch": "tab:orange", "onnxruntime": "tab:blue", "tensorrt": "tab:green"}
+_BACKEND_COLOURS = {
+    "torch": "tab:orange",
+    "onnxruntime": "tab:blue",
+    "openvino": "tab:purple",
+    "tensorrt": "tab:green",
+}
 _OTHER_COLOURS = ("tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:red")
 _PRECISION_MARKERS = {"fp32": "o", "fp16": "s", "int8": "^"}
 _OTHER_MARKER = "D"

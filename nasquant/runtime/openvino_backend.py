@@ -21,7 +21,7 @@ import numpy as np
 
 from nasquant.artifacts import IR_SUFFIX, KEY_PRECISION, ONNX_SUFFIX, read_metadata
 from nasquant.errors import NasquantError
-from nasquant.openvino import convert_onnx, import_openvino, ir_metadata, message, read_ir
+from nasquant.openvino import convert_onnx, import_openvino, message, read_ir
 from nasquant.runtime.base import Backend, contract_outputs, float32_outputs, parse_device
 
 #: what ``inference_precision`` may be: OpenVINO's names for the CPU plugin's compute precisions
@@ -108,7 +108,7 @@ class OpenVINOBackend(Backend):
         ``rt_info`` entry written by the IR export)."""
         if self.path.suffix.lower() == IR_SUFFIX:
             model = read_ir(self.path, _PURPOSE)
-            return model, ir_metadata(model, self.path)
+            return model, read_metadata(self.path)
         # Read first: a file that is not ONNX fails here in one line, before the converter tries every
         # frontend it has on it (and logs each failure).
         metadata = read_metadata(self.path)

@@ -259,6 +259,25 @@ def test_cpu_flavor_of_a_simplified_selective_graph(calibrated: torch.nn.Module,
     assert np.abs(signed[1] - unsigned[1]).max() < 0.15
 
 
+def test_a_simplified_int8_graph_shares_no_weight_quantization_parameters(
+    calibrated: torch.nn.Module, tmp_path: Path
+) -> None:
+    # onnxslim's weight tying once merged the all-zero weight zero points of every conv with the same
+    # channel count, the ConvTransposes' (axis 1) with the convs' (axis 0): OpenVINO then ran 37
+    # quantized convs in f32 (tests/runtime/test_openvino_backend.py checks the kernels).
+    selective, _ = keep_in_float(calibrated, ["heads.head*.reg_convs.*", "heads.head*.reg_pred"])
+    trt = export_onnx(selective, tmp_path / "sel.trt.onnx", imgsz=IMGSZ, simplify=True)
+    for path in (trt, write_cpu_flavor(trt, tmp_path / "sel.cpu.onnx")):
+        model = onnx.load(str(path))
+        initializers = {i.name for i in model.graph.initializer}
+        readers: dict[str, int] = {}
+        for node in model.graph.node:
+            if node.op_type == "DequantizeLinear" and node.input[0] in initializers:  # a weight's
+                for name in node.input[1:]:
+                    readers[name] = readers.get(name, 0) + 1
+        assert len(readers) > 2 * WEIGHT_QDQ * 0.9 and max(readers.values()) == 1, path.name
+
+
 # Small hand-built graphs pin down when a conv output may be quantized.
 
 

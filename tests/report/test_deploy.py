@@ -120,3 +120,31 @@ def test_the_jetpack_5_section_gives_the_reason_and_what_works() -> None:
     )
     assert "Not tested by nasquant" in jetpack5 and "is not tested" in jetpack5  # the INT8 graph on 8.5
     assert "`*.int8.cpu.onnx`" in jetpack5
+
+
+def test_the_end_to_end_section_names_the_files_settings_and_outputs() -> None:
+    files = [Path("model.fp32-nms.onnx"), Path("model.int8-nms.trt.onnx")]
+    nms = NMSSettings(conf=0.3, iou=0.5, top_k=800, max_det=50)
+    section = _section(
+        _guide(
+            EngineSettings("int8", DYNAMIC),
+            Preprocess.from_protocol("sg", 640),
+            end_to_end=files,
+            end_to_end_nms=nms,
+        ),
+        "## End-to-end graphs (NMS inside)",
+    )
+    assert "`model.fp32-nms.onnx`, `model.int8-nms.trt.onnx` end in detections" in section
+    assert "conf 0.3, IoU 0.5, top-k 800" in section and "at most 50 detections" in section
+    for output in (
+        "`num_dets`: int32, N x 1",
+        "`det_boxes`: float32, N x 50 x 4",
+        "`det_classes`: int32, N x 50, class ids 0..1",
+    ):
+        assert output in section, output
+    assert "INMSLayer" in section
+    without = _section(
+        _guide(EngineSettings("int8", DYNAMIC), Preprocess.from_protocol("sg", 640)),
+        "## End-to-end graphs (NMS inside)",
+    )
+    assert "export.nms: true" in without and "nasquant export --nms" in without and "N x K x 4" in without

@@ -1,0 +1,104 @@
+"""``nasquant export`` for INT8 formats: the quantize pipeline's stages, then the asked format."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import replace
+from pathlib import Path
+
+import onnx
+import pytest
+
+from nasquant.artifacts import (
+    CALIBRATION_NAME,
+    DEPLOY_MD,
+    END_TO_END_OUTPUT_NAMES,
+    KEY_PRECISION,
+    read_metadata,
+)
+from nasquant.cuda import tensorrt_unavailable
+from nasquant.errors import NasquantError
+from nasquant.pipeline import run_export
+from nasquant.pipeline.export_job import export_recipe
+from nasquant.recipe import Recipe, load_recipe
+from nasquant.settings import BOX_BRANCH_LAYERS, PREDICT_NMS
+from tests.shared import shared_path
+
+RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "shapes_s_int8.yaml"
+
+
+def _from_calib(nms=PREDICT_NMS) -> Recipe:
+    recipe = export_recipe(
+        None,
+        checkpoint=str(shared_path("fixtures", "yolo_nas_s_shapes.pt")),
+        calib=shared_path("data", "shapes", "calib"),
+        imgsz=None,
+        dynamic_batch=False,
+        nms=nms,
+    )
+    return replace(recipe, calibration=replace(recipe.calibration, num_images=16))
+
+
+def test_an_export_recipe_from_calibration_images_keeps_the_box_branch_in_float() -> None:
+    recipe = _from_calib()
+    assert recipe.quantization.skip == list(BOX_BRANCH_LAYERS)
+    assert recipe.export.nms and recipe.export.nms_settings == PREDICT_NMS
+    assert recipe.validation.data is None and Path(recipe.calibration.data).is_absolute()
+    # a recipe file keeps its own choices; the model is the one being exported
+    other = shared_path("fixtures", "yolo_nas_s_shapes.safetensors")
+    from_file = export_recipe(
+        RECIPE, checkpoint=str(other), calib=None, imgsz=None, dynamic_batch=True, nms=None
+    )
+    assert from_file.model.checkpoint == str(other) and from_file.export.dynamic_batch
+    original = load_recipe(RECIPE)
+    assert (from_file.quantization.skip, from_file.export.nms) == (
+        original.quantization.skip,
+        original.export.nms,
+    )
+    with pytest.raises(NasquantError, match="calibration images"):
+        export_recipe(None, checkpoint=str(other), calib=None, imgsz=None, dynamic_batch=False, nms=None)
+
+
+def test_onnx_int8_export_writes_end_to_end_flavours_and_reuses_its_stages(tmp_path: Path) -> None:
+    lines: list[str] = []
+    result = run_export(_from_calib(), "onnx-int8", output=tmp_path / "run", progress=False, log=lines.append)
+    assert [p.name for p in result.files] == ["model.int8-nms.trt.onnx", "model.int8-nms.cpu.onnx"]
+    for path in result.files:
+        graph = onnx.load(str(path), load_external_data=False)
+        assert [o.name for o in graph.graph.output] == list(END_TO_END_OUTPUT_NAMES)
+        assert read_metadata(path)[KEY_PRECISION] == "int8"
+    for name in (
+        "model.int8.trt.onnx",
+        "model.int8.cpu.onnx",
+        "model.fp32.onnx",
+        DEPLOY_MD,
+        CALIBRATION_NAME,
+    ):
+        assert (result.run_dir / name).is_file(), name
+    assert not (result.run_dir / "model.int8-all.trt.onnx").exists()  # no baseline: nothing compares it
+    assert not any("evaluate" in line for line in lines)  # nothing validated or timed
+    lines.clear()
+    again = run_export(_from_calib(), "onnx-int8", output=tmp_path / "run", progress=False, log=lines.append)
+    assert again.files == result.files
+    assert sum("(reused)" in line for line in lines) >= 3  # calibrate, export model.fp32, model.int8
+
+
+def test_an_int8_engine_export_without_tensorrt_is_refused_before_calibrating(tmp_path: Path) -> None:
+    reason = tensorrt_unavailable()
+    if reason is None:
+        pytest.skip("TensorRT and a GPU are here: the engine export builds")
+    with pytest.raises(NasquantError, match=f"cannot \\({reason}\\).*onnx-int8"):
+        run_export(_from_calib(), "engine", output=tmp_path / "run", progress=False, log=lambda _: None)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="OpenVINO is not installed")
+def test_openvino_int8_export_converts_the_cpu_flavour(tmp_path: Path) -> None:
+    result = run_export(
+        _from_calib(nms=None), "openvino", output=tmp_path / "run", progress=False, log=lambda _: None
+    )
+    xml, weights = result.files
+    assert (xml.name, weights.name) == ("model.int8.cpu.xml", "model.int8.cpu.bin")
+    # int8 weights; OpenVINO keeps a quantized model's float layers (the box branch) in f32
+    assert weights.stat().st_size < 0.35 * (result.run_dir / "model.fp32.onnx").stat().st_size
+    assert read_metadata(xml) == read_metadata(result.run_dir / "model.int8.cpu.onnx")
