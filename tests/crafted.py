@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 from safetensors.torch import save_file
 
 from tests.weights.conftest import write_zip_pickle
@@ -30,6 +30,35 @@ def onnx_model(graph: onnx.GraphProto, opset: int = 17) -> onnx.ModelProto:
     older ONNX Runtime refuses ("Unsupported model IR version") before the test's own point is reached."""
     opsets = [helper.make_opsetid("", opset)]
     return helper.make_model(graph, opset_imports=opsets, ir_version=helper.find_min_ir_version_for(opsets))
+
+
+def identity_model(path: Path, *, quantized: bool) -> Path:
+    """A two-output stand-in graph without nasquant metadata, optionally holding one Q/DQ pair."""
+    nodes, inits, source = [], [], "images"
+    if quantized:
+        inits = [
+            numpy_helper.from_array(np.array(0.01, np.float32), "scale"),
+            numpy_helper.from_array(np.array(128, np.uint8), "zero"),
+        ]
+        nodes = [
+            helper.make_node("QuantizeLinear", ["images", "scale", "zero"], ["q"]),
+            helper.make_node("DequantizeLinear", ["q", "scale", "zero"], ["dq"]),
+        ]
+        source = "dq"
+    nodes += [
+        helper.make_node("Identity", [source], ["boxes"]),
+        helper.make_node("Identity", [source], ["scores"]),
+    ]
+    shape = ["n", 3, 8, 8]
+    graph = helper.make_graph(
+        nodes,
+        "stand_in",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, shape) for name in ("boxes", "scores")],
+        inits,
+    )
+    onnx.save(onnx_model(graph), str(path))
+    return path
 
 
 def _binput(index: int) -> bytes:

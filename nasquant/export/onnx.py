@@ -39,7 +39,7 @@ from nasquant.artifacts import (
 )
 from nasquant.data.preprocess import check_input_size
 from nasquant.errors import NasquantError
-from nasquant.export.graph import count_qdq
+from nasquant.export.graph import count_qdq, unique_name
 from nasquant.export.nms import append_nms
 from nasquant.export.onnx_files import check_metadata, write_checked
 from nasquant.io import atomic_path
@@ -90,6 +90,8 @@ def export_onnx(
         quantized = _has_op(graph, "QuantizeLinear")
         if int8_weights and quantized:
             graph = store_int8_weights(graph)
+        if quantized:
+            own_weight_quantizer_parameters(graph)
         if float_weights == "float16" and quantized:
             store_half_float_weights(graph)
         if nms is not None:
@@ -154,10 +156,7 @@ def _simplify(model: onnx.ModelProto) -> onnx.ModelProto:
     before = count_qdq(model)
     # Common-subexpression elimination merges the separate quantizers ModelOpt puts on each consumer
     # of a shared tensor; equal numerics, but the Q/DQ placement TensorRT sees must stay ModelOpt's.
-    # Weight tying merges equal initializers: the all-zero weight zero points of every conv with the
-    # same channel count, the neck's ConvTransposes (DequantizeLinear axis 1) among them. OpenVINO
-    # then cannot fold that zero point into the convs' (axis 0) weights and runs 37 of them in f32.
-    simplified = onnxslim.slim(model, skip_optimizations=["subexpression_elimination", "weight_tying"])
+    simplified = onnxslim.slim(model, skip_optimizations=["subexpression_elimination"])
     after = count_qdq(simplified)
     if after != before:
         raise NasquantError(
@@ -182,6 +181,35 @@ def store_int8_weights(model: onnx.ModelProto) -> onnx.ModelProto:
         return qdq_to_dq(copy.deepcopy(model))
     finally:
         converter_log.setLevel(level)
+
+
+def own_weight_quantizer_parameters(model: onnx.ModelProto) -> None:
+    """Give every weight DequantizeLinear its own scale and zero-point initializers, in place.
+
+    onnxslim's weight tying merges equal initializers, among them the all-zero weight zero points of
+    every conv with the same channel count, the neck's ConvTransposes (axis 1) with the convs (axis 0).
+    Same values, same outputs on ONNX Runtime (tested), but OpenVINO then cannot fold that zero point
+    into the convs' weights and runs 37 of them in f32 (benchmarks/openvino.md). Activation quantizers
+    stay as they are: ONNX Runtime's Q/DQ fusions read which of them share a constant.
+    """
+    graph = model.graph
+    initializers = {init.name: init for init in graph.initializer}
+    taken = set(initializers) | {name for node in graph.node for name in node.output}
+    claimed: set[str] = set()
+    for node in graph.node:
+        if node.op_type != "DequantizeLinear" or node.input[0] not in initializers:
+            continue  # an activation's
+        for index in range(1, len(node.input)):
+            name = node.input[index]
+            if name not in initializers:
+                continue
+            if name in claimed:
+                copy_of = onnx.TensorProto()
+                copy_of.CopyFrom(initializers[name])
+                copy_of.name = unique_name(taken, f"{name}/{node.name or node.output[0]}")
+                graph.initializer.append(copy_of)
+                node.input[index] = copy_of.name
+            claimed.add(node.input[index])
 
 
 def store_half_float_weights(model: onnx.ModelProto) -> None:

@@ -84,6 +84,8 @@ class Backend(ABC):
     batch_size: int | None = None
     #: the graph ends in detections (NMS inside): ``run`` returns ``END_TO_END_OUTPUT_NAMES``
     end_to_end: bool = False
+    #: the input's (C, H, W), None where a dimension is dynamic (checked by :meth:`checked_batch`)
+    input_shape: tuple[int | None, ...] | None = None
     #: set by :meth:`close`
     closed: bool = False
 
@@ -124,6 +126,22 @@ class Backend(ABC):
             return images, count
         padding = np.zeros((self.batch_size - count, *images.shape[1:]), dtype=images.dtype)
         return np.concatenate([images, padding]), count
+
+    def checked_batch(self, images: np.ndarray) -> tuple[np.ndarray, int]:
+        """``images`` as the contiguous float32 ``(N, C, H, W)`` batch the artifact takes, padded to its
+        fixed batch (:meth:`padded`), and the count of real ones; a wrong shape is one line."""
+        images = np.ascontiguousarray(images, dtype=np.float32)
+        if images.ndim != 4:
+            raise NasquantError(f"expected a (N, 3, H, W) batch, got shape {images.shape}")
+        expected = self.input_shape or (None, None, None)
+        if any(
+            want is not None and have != want for have, want in zip(images.shape[1:], expected, strict=True)
+        ):
+            raise NasquantError(
+                f"{self.path.name if self.path else self.describe()} takes "
+                f"(N, {', '.join(str(d) for d in expected)}) inputs, got {tuple(images.shape)}"
+            )
+        return self.padded(images)
 
     def timed_run(self, images: np.ndarray) -> int:
         """Run once and return its duration in nanoseconds: the host clock around :meth:`run` here;

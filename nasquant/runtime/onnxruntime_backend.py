@@ -76,21 +76,12 @@ class OnnxRuntimeBackend(Backend):
         # A symbolic dimension is a string (or None); a fixed one is an int.
         self.batch_size = shape[0] if isinstance(shape[0], int) else None
         self.input_size = shape[2] if isinstance(shape[2], int) else None
-        self._spatial = tuple(d if isinstance(d, int) else None for d in shape[1:])
+        self.input_shape = tuple(d if isinstance(d, int) else None for d in shape[1:])
         outputs = [o.name for o in self.session.get_outputs()]
         self._output_names, self.end_to_end = contract_outputs(outputs, self.path)
 
     def run(self, images: np.ndarray) -> tuple[np.ndarray, ...]:
-        images = np.ascontiguousarray(images, dtype=np.float32)
-        if images.ndim != 4:
-            raise NasquantError(f"expected a (N, 3, H, W) batch, got shape {images.shape}")
-        for have, want in zip(images.shape[1:], self._spatial, strict=True):
-            if want is not None and have != want:
-                raise NasquantError(
-                    f"{self.path.name} takes (N, {', '.join(str(d) for d in self._spatial)}) inputs, "
-                    f"got {tuple(images.shape)}"
-                )
-        images, count = self.padded(images)
+        images, count = self.checked_batch(images)
         return float32_outputs(self.session.run(list(self._output_names), {self._input_name: images}), count)
 
     def _release(self) -> None:

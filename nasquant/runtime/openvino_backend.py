@@ -74,7 +74,7 @@ class OpenVINOBackend(Backend):
             raise NasquantError(f"{self.path}: expected a (N, 3, H, W) image input, found shape {shape}")
         dims = [d.get_length() if d.is_static else None for d in shape]
         self.batch_size, self.input_size = dims[0], dims[2]
-        self._spatial = tuple(dims[1:])
+        self.input_shape = tuple(dims[1:])
         self._output_names, self.end_to_end = contract_outputs(
             [output.get_any_name() for output in model.outputs], self.path
         )
@@ -115,16 +115,7 @@ class OpenVINOBackend(Backend):
         return convert_onnx(self.path, _PURPOSE), metadata
 
     def run(self, images: np.ndarray) -> tuple[np.ndarray, ...]:
-        images = np.ascontiguousarray(images, dtype=np.float32)
-        if images.ndim != 4:
-            raise NasquantError(f"expected a (N, 3, H, W) batch, got shape {images.shape}")
-        for have, want in zip(images.shape[1:], self._spatial, strict=True):
-            if want is not None and have != want:
-                raise NasquantError(
-                    f"{self.path.name} takes (N, {', '.join(str(d) for d in self._spatial)}) inputs, "
-                    f"got {tuple(images.shape)}"
-                )
-        images, count = self.padded(images)
+        images, count = self.checked_batch(images)
         # share_inputs: OpenVINO reads the batch in place (it stays alive through this synchronous call);
         # the outputs are copies, so the next run does not overwrite what this one returned.
         results = self._request.infer({0: images}, share_inputs=True)

@@ -262,9 +262,10 @@ def test_cpu_flavor_of_a_simplified_selective_graph(calibrated: torch.nn.Module,
 def test_a_simplified_int8_graph_shares_no_weight_quantization_parameters(
     calibrated: torch.nn.Module, tmp_path: Path
 ) -> None:
-    # onnxslim's weight tying once merged the all-zero weight zero points of every conv with the same
+    # onnxslim's weight tying merges the all-zero weight zero points of every conv with the same
     # channel count, the ConvTransposes' (axis 1) with the convs' (axis 0): OpenVINO then ran 37
-    # quantized convs in f32 (tests/runtime/test_openvino_backend.py checks the kernels).
+    # quantized convs in f32 (tests/runtime/test_openvino_backend.py checks the kernels). The export
+    # gives each weight DequantizeLinear its own again.
     selective, _ = keep_in_float(calibrated, ["heads.head*.reg_convs.*", "heads.head*.reg_pred"])
     trt = export_onnx(selective, tmp_path / "sel.trt.onnx", imgsz=IMGSZ, simplify=True)
     for path in (trt, write_cpu_flavor(trt, tmp_path / "sel.cpu.onnx")):
@@ -276,6 +277,19 @@ def test_a_simplified_int8_graph_shares_no_weight_quantization_parameters(
                 for name in node.input[1:]:
                     readers[name] = readers.get(name, 0) + 1
         assert len(readers) > 2 * WEIGHT_QDQ * 0.9 and max(readers.values()) == 1, path.name
+        # Tied again (equal zero points shared, as weight tying left them): the same outputs on ORT.
+        values = {i.name: i.raw_data for i in model.graph.initializer}
+        first: dict[bytes, str] = {}
+        for node in model.graph.node:
+            if node.op_type == "DequantizeLinear" and node.input[0] in initializers:
+                node.input[2] = first.setdefault(values[node.input[2]], node.input[2])
+        tied = tmp_path / f"tied.{path.name}"
+        onnx.save(model, str(tied))
+        images = np.random.default_rng(4).random((1, 3, IMGSZ, IMGSZ), dtype=np.float32)
+        for got, want in zip(
+            OnnxRuntimeBackend(path).run(images), OnnxRuntimeBackend(tied).run(images), strict=True
+        ):
+            np.testing.assert_array_equal(got, want)
 
 
 # Small hand-built graphs pin down when a conv output may be quantized.

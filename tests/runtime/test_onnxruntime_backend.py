@@ -10,14 +10,13 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from onnx import TensorProto, helper, numpy_helper
 
 from nasquant import NAS
 from nasquant.artifacts import KEY_NAMES
 from nasquant.errors import NasquantError
 from nasquant.export import export_onnx
 from nasquant.runtime import Backend, OnnxRuntimeBackend, optimized_op_types
-from tests.crafted import onnx_model
+from tests.crafted import identity_model
 from tests.shared import shared_path
 
 IMGSZ = 64  # small: these tests are about the runtime wrapper, not accuracy
@@ -32,35 +31,6 @@ def nas() -> NAS:
 def batch2_onnx(nas: NAS, tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("ort") / "model.onnx"
     return export_onnx(nas.model, path, imgsz=IMGSZ, batch=2, metadata={KEY_NAMES: '["a"]'})
-
-
-def _identity_model(path: Path, *, quantized: bool) -> Path:
-    """A two-output stand-in graph without nasquant metadata, optionally holding one Q/DQ pair."""
-    nodes, inits, source = [], [], "images"
-    if quantized:
-        inits = [
-            numpy_helper.from_array(np.array(0.01, np.float32), "scale"),
-            numpy_helper.from_array(np.array(128, np.uint8), "zero"),
-        ]
-        nodes = [
-            helper.make_node("QuantizeLinear", ["images", "scale", "zero"], ["q"]),
-            helper.make_node("DequantizeLinear", ["q", "scale", "zero"], ["dq"]),
-        ]
-        source = "dq"
-    nodes += [
-        helper.make_node("Identity", [source], ["boxes"]),
-        helper.make_node("Identity", [source], ["scores"]),
-    ]
-    shape = ["n", 3, 8, 8]
-    graph = helper.make_graph(
-        nodes,
-        "stand_in",
-        [helper.make_tensor_value_info("images", TensorProto.FLOAT, shape)],
-        [helper.make_tensor_value_info(name, TensorProto.FLOAT, shape) for name in ("boxes", "scores")],
-        inits,
-    )
-    onnx.save(onnx_model(graph), str(path))
-    return path
 
 
 def test_backend_contract_and_properties(batch2_onnx: Path) -> None:
@@ -93,8 +63,8 @@ def test_a_partial_batch_is_padded_and_a_larger_one_refused(nas: NAS, batch2_onn
 
 
 def test_precision_comes_from_the_graph_without_metadata(tmp_path: Path) -> None:
-    fp32 = OnnxRuntimeBackend(_identity_model(tmp_path / "fp32.onnx", quantized=False))
-    int8 = OnnxRuntimeBackend(_identity_model(tmp_path / "int8.onnx", quantized=True))
+    fp32 = OnnxRuntimeBackend(identity_model(tmp_path / "fp32.onnx", quantized=False))
+    int8 = OnnxRuntimeBackend(identity_model(tmp_path / "int8.onnx", quantized=True))
     assert (fp32.precision, int8.precision) == ("fp32", "int8")
     assert (fp32.metadata, fp32.batch_size, fp32.input_size) == ({}, None, 8)
     images = np.full((2, 3, 8, 8), 0.5, np.float32)

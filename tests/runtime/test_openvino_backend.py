@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from nasquant import NAS
 from nasquant.artifacts import KEY_NAMES, read_metadata
@@ -20,7 +20,7 @@ from nasquant.errors import NasquantError
 from nasquant.export import export_onnx
 from nasquant.export.openvino import export_openvino
 from nasquant.runtime import Backend, OnnxRuntimeBackend, OpenVINOBackend, open_backend
-from tests.crafted import onnx_model
+from tests.crafted import identity_model, onnx_model
 from tests.shared import shared_path
 
 ov = pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install 'nasquant[openvino]')")
@@ -176,33 +176,9 @@ def test_a_short_batch_is_padded_on_a_fixed_batch_graph(shapes_nas: NAS, tmp_pat
     np.testing.assert_array_equal(scores, full_scores[:1])
 
 
-def _stand_in(path: Path) -> Path:
-    """A dynamic-batch two-output graph holding one Q/DQ pair and no nasquant metadata."""
-    inits = [
-        numpy_helper.from_array(np.array(0.01, np.float32), "scale"),
-        numpy_helper.from_array(np.array(0, np.int8), "zero"),
-    ]
-    nodes = [
-        helper.make_node("QuantizeLinear", ["images", "scale", "zero"], ["q"]),
-        helper.make_node("DequantizeLinear", ["q", "scale", "zero"], ["dq"]),
-        helper.make_node("Relu", ["dq"], ["boxes"]),
-        helper.make_node("Sigmoid", ["dq"], ["scores"]),
-    ]
-    shape = ["n", 3, 8, 8]
-    graph = helper.make_graph(
-        nodes,
-        "stand_in",
-        [helper.make_tensor_value_info("images", TensorProto.FLOAT, shape)],
-        [helper.make_tensor_value_info(name, TensorProto.FLOAT, shape) for name in ("boxes", "scores")],
-        inits,
-    )
-    onnx.save(onnx_model(graph), str(path))
-    return path
-
-
 def test_a_foreign_ir_without_metadata_reads_its_precision_from_the_graph(tmp_path: Path) -> None:
     xml = tmp_path / "foreign.xml"
-    ov.save_model(ov.convert_model(str(_stand_in(tmp_path / "foreign.onnx"))), str(xml))
+    ov.save_model(ov.convert_model(str(identity_model(tmp_path / "foreign.onnx", quantized=True))), str(xml))
     assert read_metadata(xml) == {}
     with OpenVINOBackend(xml) as backend:
         assert (backend.metadata, backend.precision, backend.batch_size, backend.input_size) == (
