@@ -290,6 +290,7 @@ def test_skip_auto_searches_and_records_its_choice(tmp_path: Path, capsys) -> No
         "quantization.sensitivity_top_k=1",
         "quantization.sensitivity_val_images=24",
         "engines.enabled=false",
+        "openvino.enabled=false",  # the search is the subject; OpenVINO's rows are checked above
     ]
     # `nasquant sensitivity` alone: the three evidence files (and, for skip: auto, the search).
     args = ["sensitivity", str(RECIPE), "--output", str(output)]

@@ -101,7 +101,9 @@ def resolve_nms(backend: Backend, defaults: NMSSettings, **asked: float | int | 
     built = built_in_nms(backend.metadata, backend.path)
     differing = {name: value for name, value in given.items() if getattr(built, name) != value}
     if differing:
-        have = ", ".join(f"{f.name}={getattr(built, f.name)}" for f in fields(built) if f.name != "multi_label")
+        have = ", ".join(
+            f"{f.name}={getattr(built, f.name)}" for f in fields(built) if f.name != "multi_label"
+        )
         want = ", ".join(f"{name}={value}" for name, value in differing.items())
         raise NasquantError(
             f"{backend.path} has NMS built in ({have}) and cannot apply {want}: "
