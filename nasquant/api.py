@@ -363,9 +363,9 @@ class NAS:
                 "an FP16 graph is made on the target: export FP32 and build --format engine --fp16"
             )
         settings = (PREDICT_NMS if nms is True else nms) or None
+        if int8:  # the size given, else the recipe's input.size, else the checkpoint's own
+            return self._export_int8(path, format, imgsz, dynamic_batch, settings, recipe, calib, progress)
         size = self.preprocessing(protocol, imgsz).imgsz
-        if int8:
-            return self._export_int8(path, format, size, dynamic_batch, settings, recipe, calib, progress)
         if recipe is not None or calib is not None:
             raise NasquantError("a recipe or calibration data is for INT8 exports: add int8=True")
         from nasquant.export.formats import default_target, export_fp32
@@ -392,7 +392,7 @@ class NAS:
         self,
         path: str | os.PathLike | None,
         format: str,
-        imgsz: int,
+        imgsz: int | None,
         dynamic_batch: bool,
         nms: NMSSettings | None,
         recipe: str | os.PathLike | Recipe | None,
