@@ -10,13 +10,13 @@ from pathlib import Path
 
 import torch
 
-from nasquant.artifacts import END_TO_END_TAG, ONNX_SUFFIX, engine_path
+from nasquant.artifacts import END_TO_END_TAG, ENGINE_SUFFIXES, IR_SUFFIX, ONNX_SUFFIX, engine_path
 from nasquant.errors import NasquantError
 from nasquant.export.onnx import export_onnx
 from nasquant.settings import ExportFormat, NMSSettings
 
 #: the suffix of each format's main file
-SUFFIXES: dict[str, str] = {"onnx": ONNX_SUFFIX, "engine": ".engine", "openvino": ".xml"}
+SUFFIXES: dict[str, str] = {"onnx": ONNX_SUFFIX, "engine": ENGINE_SUFFIXES[0], "openvino": IR_SUFFIX}
 
 
 def export_fp32(
