@@ -30,8 +30,10 @@ ExportFormat = Literal["onnx", "onnx-int8", "engine", "openvino"]
 BOX_BRANCH_LAYERS = ("heads.head*.reg_convs.*", "heads.head*.reg_pred")
 #: how an INT8 graph stores the weights of the layers it keeps in floating point
 FloatWeights = Literal["float16", "float32"]
-#: float16: half the bytes, and what TensorRT runs those layers in anyway (every INT8 engine is built
-#: with FP16 enabled); float32 keeps ONNX Runtime's outputs bit-identical to the float-weight graph
+#: float16: half the bytes, without rounding for a half-precision checkpoint (each weight stored exactly,
+#: a folded one as its float16 weight times its BatchNorm scale), rounded otherwise, which is what
+#: TensorRT runs those layers in anyway (every INT8 engine is built with FP16 enabled); float32 keeps
+#: a float32 checkpoint's outputs bit-identical on ONNX Runtime and OpenVINO
 DEFAULT_FLOAT_WEIGHTS: FloatWeights = "float16"
 
 

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from nasquant.cli import main
+from nasquant.report import artifact_size_mb
 from tests.shared import shared_path
 
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "shapes_s_int8.yaml"
@@ -94,6 +95,10 @@ def test_report_rows_follow_the_contract(run_dir: Path) -> None:
         assert abs(ov_int8["delta_map50_95"]) < 0.02 and ov_int8["skipped_layers"] == int8_skipped
         # its speedup is over OpenVINO FP32, timed back to back
         assert ov_int8["speedup"] == ov_int8["extra"]["speedup_paired"] > 0
+        # the CPU flavour runs on OpenVINO as the IR the run ships (.xml + .bin)
+        ir = run_dir / "model.int8.cpu.xml"
+        assert rows["OpenVINO INT8 selective"]["size_mb"] == pytest.approx(artifact_size_mb(ir))
+        assert rows["OpenVINO INT8 selective"]["size_mb"] > 10 * ir.stat().st_size / 1e6
 
 
 def test_resume_reuses_finished_stages_and_redoes_changed_ones(run_dir: Path, tmp_path: Path, capsys) -> None:

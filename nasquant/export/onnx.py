@@ -43,6 +43,7 @@ from nasquant.export.graph import count_qdq, unique_name
 from nasquant.export.nms import append_nms
 from nasquant.export.onnx_files import check_metadata, write_checked
 from nasquant.io import atomic_path
+from nasquant.models.layers import HALF_FACTORS_ATTRIBUTE, HalfFactors
 from nasquant.settings import DEFAULT_FLOAT_WEIGHTS, FloatWeights, NMSSettings
 
 
@@ -82,6 +83,7 @@ def export_onnx(
         raise NasquantError(f"export batch size must be at least 1, got {batch}")
     check_metadata(metadata or {})  # fail before tracing, not after
     path = Path(path)
+    half_factors = half_factors_by_weight(model)
     with atomic_path(path) as tmp:
         _trace_to_file(model, tmp, imgsz=imgsz, batch=batch, dynamic_batch=dynamic_batch, opset=opset)
         graph = onnx.load(str(tmp))
@@ -93,7 +95,7 @@ def export_onnx(
         if quantized:
             own_weight_quantizer_parameters(graph)
         if float_weights == "float16" and quantized:
-            store_half_float_weights(graph)
+            store_half_float_weights(graph, half_factors)
         if nms is not None:
             graph = append_nms(graph, nms)
         facts = {
@@ -212,31 +214,76 @@ def own_weight_quantizer_parameters(model: onnx.ModelProto) -> None:
             claimed.add(node.input[index])
 
 
-def store_half_float_weights(model: onnx.ModelProto) -> None:
-    """Store every float32 conv weight initializer of ``model`` as float16 read through a Cast to
-    float32, in place.
+def half_factors_by_weight(model: torch.nn.Module) -> dict[str, HalfFactors]:
+    """Each folded conv's :class:`~nasquant.models.layers.HalfFactors`, keyed by its weight's
+    state-dict name (the name the traced graph gives the weight initializer)."""
+    return {
+        f"{name}.weight": getattr(module, HALF_FACTORS_ATTRIBUTE)
+        for name, module in model.named_modules()
+        if hasattr(module, HALF_FACTORS_ATTRIBUTE)
+    }
+
+
+def store_half_float_weights(model: onnx.ModelProto, factors: Mapping[str, HalfFactors] | None = None) -> int:
+    """Store every float32 conv weight initializer of ``model`` in float16, read through a Cast to
+    float32, in place; return how many were stored without rounding.
 
     The convs are the layers an INT8 graph keeps in floating point (the quantized ones read int8
     weights through DequantizeLinear). Runtimes fold the Cast into a float32 constant when they load
-    the graph, so only the weights' rounding to half precision changes; TensorRT runs these layers in
-    FP16 anyway, ONNX Runtime and OpenVINO in float32 on the rounded values.
+    the graph. A weight exactly representable in float16 loses nothing; so does a folded one whose
+    ``factors`` (weight before BatchNorm folding, in float16, and the per-channel BatchNorm scale)
+    rebuild its exact float32 values: it is stored as ``Cast(half) * scale``, the product the fold
+    computed. Any other weight is rounded to half precision: TensorRT runs these layers in FP16
+    anyway, ONNX Runtime and OpenVINO in float32 on the rounded values.
     """
     graph = model.graph
+    factors = factors or {}
     conv_weights = {node.input[1] for node in graph.node if node.op_type in ("Conv", "ConvTranspose")}
-    casts = []
+    rebuilds, exact = [], 0
     for index, initializer in enumerate(graph.initializer):
         if initializer.name not in conv_weights or initializer.data_type != TensorProto.FLOAT:
             continue
-        name, half = initializer.name, numpy_helper.to_array(initializer).astype(np.float16)
+        name, weight = initializer.name, numpy_helper.to_array(initializer)
+        half, scale = weight.astype(np.float16), None
+        if _same_bits(half.astype(np.float32), weight):
+            exact += 1
+        elif name in factors:
+            candidate = factors[name]
+            half = candidate.half_weight.cpu().numpy()
+            scale = candidate.channel_scale.cpu().numpy().astype(np.float32)
+            if half.shape == weight.shape and _same_bits(half.astype(np.float32) * scale, weight):
+                exact += 1
+            else:  # the graph's weight is not the fold these factors describe
+                half, scale = weight.astype(np.float16), None
         stored = f"{name}_float16"
         graph.initializer[index].CopyFrom(numpy_helper.from_array(half, stored))
-        casts.append(
-            onnx.helper.make_node("Cast", [stored], [name], to=TensorProto.FLOAT, name=f"{stored}/Cast")
-        )
-    # The Casts read only initializers: first in the node list keeps it topologically sorted.
-    nodes = [*casts, *graph.node]
+        if scale is None:
+            rebuilds.append(_cast_to_float(stored, name))
+        else:
+            graph.initializer.append(numpy_helper.from_array(scale, f"{name}_scale"))
+            rebuilds += [
+                _cast_to_float(stored, f"{stored}_float32"),
+                onnx.helper.make_node(
+                    "Mul", [f"{stored}_float32", f"{name}_scale"], [name], name=f"{name}/rebuild"
+                ),
+            ]
+    # The rebuilds read only initializers: first in the node list keeps it topologically sorted.
+    nodes = [*rebuilds, *graph.node]
     del graph.node[:]
     graph.node.extend(nodes)
+    return exact
+
+
+def _cast_to_float(source: str, target: str) -> onnx.NodeProto:
+    return onnx.helper.make_node("Cast", [source], [target], to=TensorProto.FLOAT, name=f"{source}/Cast")
+
+
+def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    return (
+        a.dtype == b.dtype == np.float32
+        and a.shape == b.shape
+        and np.array_equal(a.view(np.uint32), b.view(np.uint32))
+    )
 
 
 def _has_op(model: onnx.ModelProto, op_type: str) -> bool:

@@ -7,6 +7,7 @@ they run the same model. An INT8 Q/DQ graph becomes FakeQuantize on activations 
 constants, so its IR stays about a quarter of the FP32 one's size and OpenVINO's CPU plugin runs its
 convolutions on integer kernels. The ONNX metadata (class names, preprocessing, precision, ...) goes into
 the IR's ``rt_info`` (:data:`nasquant.artifacts.IR_METADATA`), where ``read_metadata`` finds it.
+The CPU flavour's space-to-depth stem (a fast path on ONNX Runtime only) becomes the strided conv again.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from typing import Any
 
 from nasquant.artifacts import IR_SUFFIX, IR_WEIGHTS_SUFFIX, KEY_PRECISION, ONNX_SUFFIX, read_metadata
 from nasquant.errors import NasquantError
+from nasquant.export.conv_layouts import undo_space_to_depth_input_convs
+from nasquant.export.onnx_files import load_onnx, save_onnx
 from nasquant.io import PART_SUFFIX
 from nasquant.openvino import convert_onnx, import_openvino, set_ir_metadata
 
@@ -50,10 +53,21 @@ def export_openvino(
     metadata = read_metadata(source)  # also refuses a missing or unreadable ONNX file, in one line
     if compress_to_fp16 and metadata.get(KEY_PRECISION) == "fp32":
         metadata[KEY_PRECISION] = "fp16"
-    model = convert_onnx(source, _PURPOSE)
+    with tempfile.TemporaryDirectory(prefix="nasquant-openvino-") as folder:
+        model = convert_onnx(_strided_stem(source, Path(folder)), _PURPOSE)
     set_ir_metadata(model, metadata)
     _save_atomically(ov, model, xml_path, compress_to_fp16=compress_to_fp16)
     return xml_path
+
+
+def _strided_stem(source: Path, folder: Path) -> Path:
+    """``source``, or where it reads its input space-to-depth (the CPU flavour's stem, ONNX Runtime's
+    fast path), a copy in ``folder`` with the strided conv back: OpenVINO's fast path is the strided
+    conv, its SpaceToDepth one more pass over the image (``benchmarks/openvino.md``). Same sums."""
+    graph = load_onnx(source)
+    if not any(node.op_type == "SpaceToDepth" for node in graph.graph.node):
+        return source
+    return save_onnx(undo_space_to_depth_input_convs(graph), folder / source.name)
 
 
 def _save_atomically(ov: ModuleType, model: Any, xml_path: Path, *, compress_to_fp16: bool) -> None:

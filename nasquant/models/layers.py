@@ -7,6 +7,7 @@ Attribute names and registration order are part of the contract: official checkp
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -16,19 +17,44 @@ from torch import nn
 BN_EPS = 1e-3
 
 
+def _batchnorm_scale(bn: nn.BatchNorm2d) -> torch.Tensor:
+    return bn.weight / torch.sqrt(bn.running_var + bn.eps)
+
+
 def fold_batchnorm(
     weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.BatchNorm2d
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return the conv weight and bias that equal ``bn(conv(x))`` for a BatchNorm in eval mode."""
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    scale = _batchnorm_scale(bn)
     folded_weight = weight * scale.reshape(-1, 1, 1, 1)
     conv_bias = bias if bias is not None else torch.zeros_like(bn.running_mean)
     folded_bias = (conv_bias - bn.running_mean) * scale + bn.bias
     return folded_weight.detach(), folded_bias.detach()
 
 
+@dataclass(frozen=True)
+class HalfFactors:
+    """A folded conv weight as exactly ``half_weight.float() * channel_scale`` (per output channel).
+
+    Recorded when the weight before folding was exactly representable in float16 (checkpoints saved
+    in half precision, as Ultralytics saves them): an export can then store the weight in half the
+    bytes and rebuild the very same float32 values (see :func:`nasquant.export.onnx.store_half_float_weights`).
+    """
+
+    half_weight: torch.Tensor
+    channel_scale: torch.Tensor
+
+
+#: The attribute of a folded ``nn.Conv2d`` holding its :class:`HalfFactors`, when it has them.
+HALF_FACTORS_ATTRIBUTE = "half_factors"
+
+
 def _fold_into_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
     weight, bias = fold_batchnorm(conv.weight, conv.bias, bn)
+    unfolded = conv.weight.detach()
+    if conv.bias is None and torch.equal(unfolded.half().float(), unfolded):
+        factors = HalfFactors(unfolded.half(), _batchnorm_scale(bn).detach().reshape(-1, 1, 1, 1))
+        setattr(conv, HALF_FACTORS_ATTRIBUTE, factors)
     conv.weight = nn.Parameter(weight)
     conv.bias = nn.Parameter(bias)
 

@@ -10,10 +10,18 @@ from pathlib import Path
 
 import torch
 
-from nasquant.artifacts import FLAVORS, KEY_FLAVOR, KEY_FP_LAYERS, KEY_RECIPE_HASH, end_to_end_path
+from nasquant.artifacts import (
+    FLAVORS,
+    IR_SUFFIX,
+    IR_WEIGHTS_SUFFIX,
+    KEY_FLAVOR,
+    KEY_FP_LAYERS,
+    KEY_RECIPE_HASH,
+    end_to_end_path,
+)
 from nasquant.export import export_onnx, write_cpu_flavor, write_end_to_end
 from nasquant.openvino import cpu_has_bf16
-from nasquant.pipeline.context import RecipeFields, RunContext, cached_stage, stage_key
+from nasquant.pipeline.context import RecipeFields, RunContext, cached_stage, file_key, stage_key
 from nasquant.pipeline.load import Loaded
 from nasquant.pipeline.select import Selection
 
@@ -113,23 +121,57 @@ def export(ctx: RunContext, loaded: Loaded, selection: Selection, calibration_ke
             )
         _export_variant(ctx, loaded, selection, fields, variant, sizes)
     section = ctx.fields("openvino").openvino
-    return Exported(
-        artifacts + openvino_artifacts(artifacts, bf16=section.bf16) if section.enabled else artifacts
+    if not section.enabled or importlib.util.find_spec("openvino") is None:
+        return Exported(artifacts)
+    # What an OpenVINO deployment ships: the CPU flavour as IR (its stem back to the strided conv).
+    write_openvino_ir(
+        ctx,
+        [layout.graph("model.int8", "cpu", bench=bench) for bench in sizes.values()],
+        "openvino model.int8",
     )
+    return Exported(artifacts + openvino_artifacts(artifacts, bf16=section.bf16))
+
+
+def write_openvino_ir(ctx: RunContext, sources: list[Path], stage: str) -> list[Path]:
+    """OpenVINO IR beside each ONNX graph (``model.int8.cpu.onnx`` -> ``model.int8.cpu.xml`` + ``.bin``),
+    as one cached stage; returns the files written."""
+    from nasquant.export.openvino import export_openvino
+
+    targets = [source.with_suffix(IR_SUFFIX) for source in sources]
+    outputs = [path for xml in targets for path in (xml, xml.with_suffix(IR_WEIGHTS_SUFFIX))]
+
+    def compute() -> dict:
+        # OpenVINO stores a quantized model's float layers in f32 whatever it is asked (its FP16
+        # compression skips quantized models): the IR is int8 weights plus the float layers in full.
+        return {
+            "xml": [str(export_openvino(source, xml)) for source, xml in zip(sources, targets, strict=True)]
+        }
+
+    key = stage_key(*(file_key(source) for source in sources))
+    summary = ", ".join(
+        str(xml.relative_to(ctx.run_dir)) if xml.is_relative_to(ctx.run_dir) else xml.name for xml in targets
+    )
+    cached_stage(ctx, stage, key, compute, summary=lambda _: summary, outputs=outputs)
+    return outputs
 
 
 def openvino_artifacts(artifacts: list[Artifact], *, bf16: bool) -> list[Artifact]:
-    """The same graphs on OpenVINO, when it is installed (``nasquant[openvino]``): FP32 at f32 compute,
-    FP32 at bf16 compute (``bf16``) where the CPU has it (OpenVINO's own default there, so a labelled row
-    of its own), and the selective INT8 graphs, both flavours (the quantize-everything baseline stays
-    ORT's)."""
-    if importlib.util.find_spec("openvino") is None:
-        return []
+    """The same models on OpenVINO (``nasquant[openvino]``): FP32 at f32 compute, FP32 at bf16 compute
+    (``bf16``) where the CPU has it (OpenVINO's own default there, so a labelled row of its own), and
+    the selective INT8 model, both flavours: the CPU flavour as the IR :func:`write_openvino_ir` wrote,
+    the TensorRT flavour's ONNX as a check of that file on a second runtime (the quantize-everything
+    baseline stays ORT's)."""
     rows = []
     for artifact in artifacts:
         if artifact.backend != "onnxruntime" or artifact.name.startswith("ORT INT8 all-layers"):
             continue
         name = artifact.name.replace("ORT ", "OpenVINO ", 1)
+        if artifact.flavor == "cpu":
+            artifact = replace(
+                artifact,
+                path=artifact.path.with_suffix(IR_SUFFIX),
+                bench_path=artifact.bench_path.with_suffix(IR_SUFFIX) if artifact.bench_path else None,
+            )
         rows.append(replace(artifact, name=name, backend="openvino", inference_precision="f32"))
         if artifact.precision == "fp32" and bf16 and cpu_has_bf16():
             rows.append(

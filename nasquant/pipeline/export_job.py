@@ -16,6 +16,7 @@ from nasquant.errors import NasquantError
 from nasquant.pipeline.context import Log, RunContext, cached_stage, file_key, stage_key
 from nasquant.pipeline.engines import settings_for
 from nasquant.pipeline.export import export as export_graphs
+from nasquant.pipeline.export import write_openvino_ir
 from nasquant.pipeline.run import calibrated_start, open_run, write_guide
 from nasquant.pipeline.select import select
 from nasquant.recipe import Recipe, load_recipe, recipe_from_dict
@@ -120,7 +121,8 @@ def run_export(
         elif export_format == "engine":
             files = _engine(ctx, graphs["trt"])
         else:
-            files = _openvino(ctx, graphs)
+            # the CPU flavour: its grids are the ones a CPU's integer kernels take
+            files = write_openvino_ir(ctx, [graphs["cpu"]], "openvino int8")
         return ExportResult(ctx.run_dir, files)
 
 
@@ -137,28 +139,4 @@ def _engine(ctx: RunContext, onnx_path: Path) -> list[Path]:
     outputs = [engine, sidecar_path(engine)]
     key = stage_key(file_key(onnx_path), fields.values)
     cached_stage(ctx, "engine int8", key, compute, summary=lambda _: engine.name, outputs=outputs)
-    return outputs
-
-
-def _openvino(ctx: RunContext, graphs: dict[str, Path]) -> list[Path]:
-    from nasquant.export.openvino import export_openvino
-
-    # The CPU flavour: its grids are the ones a CPU's integer kernels take (benchmarks/openvino.md).
-    source = graphs["cpu"]
-    xml = source.with_suffix(".xml")
-    outputs = [xml, xml.with_suffix(".bin")]
-
-    def compute() -> dict:
-        # OpenVINO stores a quantized model's float layers in f32 whatever it is asked (its FP16
-        # compression skips quantized models): the IR is int8 weights plus the float layers in full.
-        return {"xml": str(export_openvino(source, xml))}
-
-    cached_stage(
-        ctx,
-        "openvino int8",
-        stage_key(file_key(source)),
-        compute,
-        summary=lambda _: xml.name,
-        outputs=outputs,
-    )
     return outputs

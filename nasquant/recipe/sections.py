@@ -159,8 +159,9 @@ class ExportSection:
     """Constant-fold and simplify the exported graph."""
     float_weights: FloatWeights = DEFAULT_FLOAT_WEIGHTS
     """How an INT8 graph stores the weights of its floating-point layers (quantized layers' weights are
-    int8): float16 halves their bytes and is what TensorRT runs them in (INT8 engines enable FP16);
-    float32 keeps ONNX Runtime's outputs bit-identical to float storage."""
+    int8): float16 halves their bytes, exactly for a half-precision checkpoint (Ultralytics-style
+    ``.pt``, the shapes fixture) and otherwise rounded as TensorRT runs them anyway (INT8 engines
+    enable FP16); float32 keeps a float32 checkpoint's outputs bit-identical on CPU runtimes."""
     nms: bool = False
     """Also write an end-to-end copy of each graph (``model.int8-nms.trt.onnx``, ...): NMS inside, outputs
     ``num_dets``/``det_boxes``/``det_scores``/``det_classes`` (DEPLOY.md), with the ``nms_*`` settings."""

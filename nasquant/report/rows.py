@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from nasquant.artifacts import IR_SUFFIX, IR_WEIGHTS_SUFFIX
 from nasquant.checks import is_finite_number, quoted
 from nasquant.errors import NasquantError
 
@@ -195,9 +196,12 @@ def check_drop(report: dict[str, Any], max_drop_points: float) -> list[str]:
 
 
 def artifact_size_mb(path: str | os.PathLike) -> float:
-    """Size on disk in MB (10^6 bytes) of a file, or of every file under a folder (an ONNX model
-    with external weights, a ModelOpt checkpoint directory)."""
+    """Size on disk in MB (10^6 bytes) of a file (an OpenVINO IR's ``.xml`` with its ``.bin``), or of
+    every file under a folder (an ONNX model with external weights, a ModelOpt checkpoint directory)."""
     path = Path(path)
+    if path.is_file() and path.suffix.lower() == IR_SUFFIX:
+        weights = path.with_suffix(IR_WEIGHTS_SUFFIX)
+        return (path.stat().st_size + (weights.stat().st_size if weights.is_file() else 0)) / 1e6
     if path.is_file():
         return path.stat().st_size / 1e6
     if path.is_dir():

@@ -3,6 +3,7 @@ integer-kernel CPU flavour derived from it."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -20,13 +21,15 @@ from nasquant.export import (
     count_qdq,
     drop_requantization,
     export_onnx,
-    fold_relu_into_quantize,
     fold_scalar_multipliers,
     quantize_outputs,
     space_to_depth_input_convs,
     to_uint8_activations,
+    undo_space_to_depth_input_convs,
+    unsigned_grids_for_nonnegative,
     write_cpu_flavor,
 )
+from nasquant.models.layers import HALF_FACTORS_ATTRIBUTE
 from nasquant.quant import keep_in_float
 from nasquant.runtime import OnnxRuntimeBackend, optimized_op_types
 from tests.conftest import IMGSZ
@@ -111,36 +114,61 @@ def test_int8_weight_storage_is_bit_identical_and_a_quarter_of_the_bytes(
             np.testing.assert_array_equal(got[1], want[1])
 
 
+def _float_conv_weights(model: onnx.ModelProto) -> list[str]:
+    initializers = {i.name for i in model.graph.initializer}
+    return [n.input[1] for n in model.graph.node if n.op_type == "Conv" and n.input[1] in initializers]
+
+
+def _without_half_factors(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy whose folded convs forget their weights before folding, as if the checkpoint were float32."""
+    copied = copy.deepcopy(model)
+    for module in copied.modules():
+        if hasattr(module, HALF_FACTORS_ATTRIBUTE):
+            delattr(module, HALF_FACTORS_ATTRIBUTE)
+    return copied
+
+
 def test_float_layers_of_an_int8_graph_store_half_precision_weights(
     calibrated: torch.nn.Module, tmp_path: Path
 ) -> None:
     selective, kept = keep_in_float(calibrated, ["heads.head*.reg_convs.*", "heads.head*.reg_pred"])
     images = np.random.default_rng(3).random((1, 3, IMGSZ, IMGSZ), dtype=np.float32)
     graphs = {}
-    for storage in ("float16", "float32"):
-        trt = export_onnx(selective, tmp_path / f"{storage}.trt.onnx", imgsz=IMGSZ, float_weights=storage)
-        graphs[storage] = {"trt": trt, "cpu": write_cpu_flavor(trt, tmp_path / f"{storage}.cpu.onnx")}
+    for name, model, storage in (
+        ("float32", selective, "float32"),
+        ("float16", selective, "float16"),
+        ("rounded", _without_half_factors(selective), "float16"),
+    ):
+        trt = export_onnx(model, tmp_path / f"{name}.trt.onnx", imgsz=IMGSZ, float_weights=storage)
+        graphs[name] = {"trt": trt, "cpu": write_cpu_flavor(trt, tmp_path / f"{name}.cpu.onnx")}
     for flavor in ("trt", "cpu"):
-        half, full = (onnx.load(str(graphs[s][flavor])) for s in ("float16", "float32"))
-        float_convs = [
-            n
-            for n in full.graph.node
-            if n.op_type == "Conv" and n.input[1] in {i.name for i in full.graph.initializer}
-        ]
-        assert len(float_convs) == len(kept) == 6, flavor  # 3 heads x (tower conv, reg_pred)
-        stored = {i.name: i for i in half.graph.initializer}
-        casts = {n.output[0]: n for n in half.graph.node if n.op_type == "Cast" and n.input[0] in stored}
-        # each float conv reads its weight through a Cast of a float16 initializer; nothing else changed
-        for conv in float_convs:
-            assert stored[casts[conv.input[1]].input[0]].data_type == TensorProto.FLOAT16
-        assert len(casts) == len(float_convs)
-        assert count_qdq(half) == count_qdq(full)
-        weight_bytes = sum(numpy_helper.to_array(i).nbytes for i in full.graph.initializer if i.name in casts)
-        saved = graphs["float32"][flavor].stat().st_size - graphs["float16"][flavor].stat().st_size
-        assert abs(saved - weight_bytes / 2) < 0.01 * weight_bytes, flavor
-        # Rounding weights to 11 significant bits moves the outputs far less than the INT8 grid does.
-        got = OnnxRuntimeBackend(graphs["float16"][flavor]).run(images)
+        full, half, rounded = (onnx.load(str(graphs[n][flavor])) for n in ("float32", "float16", "rounded"))
+        weights = _float_conv_weights(full)
+        assert len(weights) == len(kept) == 6, flavor  # 3 heads x (tower conv, reg_pred)
+        weight_bytes = sum(
+            numpy_helper.to_array(i).nbytes for i in full.graph.initializer if i.name in weights
+        )
+        for graph in (half, rounded):
+            # each float conv reads a float16 initializer through a Cast (and, for a folded one
+            # rebuilt exactly, a per-channel Mul); the quantized layers are untouched
+            assert not _float_conv_weights(graph)
+            halves = [i for i in graph.graph.initializer if i.data_type == TensorProto.FLOAT16]
+            assert sorted(i.name for i in halves) == sorted(f"{w}_float16" for w in weights)
+            assert count_qdq(graph) == count_qdq(full)
+        for name in ("float16", "rounded"):
+            saved = graphs["float32"][flavor].stat().st_size - graphs[name][flavor].stat().st_size
+            assert abs(saved - weight_bytes / 2) < 0.01 * weight_bytes, (flavor, name)
+        # The fixture is a half-precision checkpoint: its reg_pred weights are exact in float16 and its
+        # folded tower convs rebuild exactly from the float16 weights before folding.
+        assert sum(n.op_type == "Mul" and n.name.endswith("/rebuild") for n in half.graph.node) == 3
         want = OnnxRuntimeBackend(graphs["float32"][flavor]).run(images)
+        got = OnnxRuntimeBackend(graphs["float16"][flavor]).run(images)
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
+        # Without those factors the folded weights are rounded to 11 significant bits: the outputs move,
+        # far less than the INT8 grid does.
+        assert not any(n.name.endswith("/rebuild") for n in rounded.graph.node)
+        got = OnnxRuntimeBackend(graphs["rounded"][flavor]).run(images)
         int8_scale = np.abs(want[0]).max() / 127
         assert 0 < np.abs(got[0] - want[0]).max() < int8_scale, flavor
         np.testing.assert_allclose(got[1], want[1], atol=1e-3)
@@ -444,22 +472,65 @@ def test_requantization_on_the_same_grid_is_dropped_and_twin_quantizers_merge() 
     np.testing.assert_array_equal(_run(result, X), _run(model, X))
 
 
-def test_relu_folds_into_an_unsigned_quantizer_that_clips_later_never_earlier() -> None:
+def test_a_relu_and_its_quantizer_become_one_unsigned_quantizer_twice_as_fine() -> None:
     model = _chain(
         [
             helper.make_node("Relu", ["x"], ["r"]),
             helper.make_node("QuantizeLinear", ["r", "s", "z"], ["q"]),
             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"]),
         ],
+        [_scalar("s", 0.1), _scalar("z", 128, np.uint8)],  # the signed grid of amax 12.7, shifted
+    )
+    result = unsigned_grids_for_nonnegative(model)
+    assert _ops(result) == ["QuantizeLinear", "DequantizeLinear"]
+    x = np.linspace(-3.0, 20.0, 460, dtype=np.float32).reshape(-1, 1, 4)
+    signed = np.concatenate([_run(model, row) for row in x])
+    unsigned = np.concatenate([_run(result, row) for row in x])
+    values = x.reshape(signed.shape)
+    inside = (values >= 0) & (values <= 12.7)
+    # The same range: 0 below it, the same clipping point above it ...
+    np.testing.assert_array_equal(unsigned[values < 0], 0)
+    np.testing.assert_allclose(unsigned[values > 12.75], 12.7, rtol=1e-6)
+    np.testing.assert_allclose(signed[values > 12.75], 12.7, rtol=1e-6)
+    # ... in steps of 12.7 / 255 instead of 12.7 / 127.
+    step = 12.7 / 255
+    assert np.abs(unsigned - values)[inside].max() <= step / 2 + 1e-6
+    assert np.abs(signed - values)[inside].max() > step / 2 + 1e-6
+    assert len(np.unique(unsigned[inside])) > 1.9 * len(np.unique(signed[inside]))
+
+
+def test_only_tensors_that_cannot_be_negative_take_an_unsigned_grid() -> None:
+    def pair(source: str, name: str) -> list[onnx.NodeProto]:
+        return [
+            helper.make_node("QuantizeLinear", [source, "s", "z"], [f"{name}_q"], name=f"{name}/Q"),
+            helper.make_node("DequantizeLinear", [f"{name}_q", "s", "z"], [f"{name}_d"], name=f"{name}/DQ"),
+        ]
+
+    # x may be negative; relu(x), maxima and sums of non-negative tensors may not; x + relu(x) may.
+    model = _chain(
+        [
+            helper.make_node("Relu", ["x"], ["r"]),
+            helper.make_node("Abs", ["x"], ["a"]),
+            *pair("r", "relu"),
+            *pair("x", "raw"),
+            helper.make_node("Max", ["relu_d", "a"], ["m"]),
+            *pair("m", "max"),
+            helper.make_node("Add", ["x", "relu_d"], ["mixed"]),
+            *pair("mixed", "mixed"),
+            helper.make_node("Sum", ["max_d", "mixed_d", "raw_d"], ["y"]),
+        ],
         [_scalar("s", 0.1), _scalar("z", 128, np.uint8)],
     )
-    result = fold_relu_into_quantize(model)
-    assert _ops(result) == ["QuantizeLinear", "DequantizeLinear"]
-    inside = np.array([[-3.0, 0.0, 0.26, 12.7]], np.float32)  # up to 127 steps: the signed grid's range
-    np.testing.assert_array_equal(_run(result, inside), _run(model, inside))
-    beyond = np.array([[13.0, 20.0, 25.5, 40.0]], np.float32)
-    np.testing.assert_allclose(_run(model, beyond), 12.7, rtol=1e-6)
-    np.testing.assert_allclose(_run(result, beyond), [[13.0, 20.0, 25.5, 25.5]], rtol=1e-6)
+    result = unsigned_grids_for_nonnegative(model)
+    values = {init.name: numpy_helper.to_array(init) for init in result.graph.initializer}
+    zero_points = {
+        n.name: int(values[n.input[2]]) for n in result.graph.node if n.op_type == "QuantizeLinear"
+    }
+    assert zero_points == {"relu/Q": 0, "raw/Q": 128, "max/Q": 0, "mixed/Q": 128}
+    assert "Relu" not in _ops(result)
+    x = np.array([[-3.0, 0.26, 5.0, 12.0]], np.float32)
+    # three quantizers summed, each within half a signed (0.05) plus half an unsigned step of the other
+    np.testing.assert_allclose(_run(result, x), _run(model, x), atol=3 * (0.05 + 0.025) + 1e-6)
 
 
 def _strided_conv_graph(
@@ -522,3 +593,33 @@ def test_a_strided_conv_on_few_channels_reads_its_input_space_to_depth(
     # output Q/DQ, so ORT runs it as an integer QLinearConv, where the sums are exact.
     terms = cin * kernel * kernel
     np.testing.assert_allclose(got, want, rtol=0, atol=terms * np.finfo(np.float32).eps * np.abs(want).max())
+
+
+@pytest.mark.parametrize(
+    ("kernel", "stride", "pads"),
+    [((3, 2, [1, 1, 1, 1])), (4, 2, [1, 1, 1, 1]), (3, 2, [0, 0, 0, 0]), (6, 3, [2, 1, 2, 1])],
+)
+def test_a_space_to_depth_conv_is_the_strided_conv_again_for_openvino(
+    kernel: int, stride: int, pads: list[int]
+) -> None:
+    size = 18 if stride == 3 else 16
+    model = _strided_conv_graph(kernel, stride, pads, size)
+    blocks = space_to_depth_input_convs(model)
+    undone = undo_space_to_depth_input_convs(blocks)
+    assert "SpaceToDepth" in _ops(blocks) and "SpaceToDepth" not in _ops(undone)
+    assert _ops(undone) == _ops(model)
+    conv = next(n for n in undone.graph.node if n.op_type == "Conv")
+    attributes = {a.name: helper.get_attribute_value(a) for a in conv.attribute}
+    assert attributes["strides"] == [stride, stride]
+    x = np.random.default_rng(1).random((1, 3, size, size), dtype=np.float32)
+    want = _run(model, x)
+    if kernel == 3 and pads in ([1, 1, 1, 1], [0, 0, 0, 0]):
+        # YOLO-NAS's stem: the rearrangement's zero taps trim away, back to the same kernel (an end
+        # pad no output reads may be gone: the same conv)
+        assert attributes["kernel_shape"] == [3, 3] and attributes["pads"][:2] == pads[:2]
+        np.testing.assert_array_equal(_values(undone)["w_space_to_depth_strided"], _values(model)["w"])
+        np.testing.assert_array_equal(_run(undone, x), want)
+    else:  # a zero tap may stay where a pad cannot absorb it: the same sums, in another order
+        terms = 3 * kernel * kernel
+        atol = terms * np.finfo(np.float32).eps * np.abs(want).max()
+        np.testing.assert_allclose(_run(undone, x), want, rtol=0, atol=atol)

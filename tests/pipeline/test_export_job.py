@@ -102,3 +102,9 @@ def test_openvino_int8_export_converts_the_cpu_flavour(tmp_path: Path) -> None:
     # int8 weights; OpenVINO keeps a quantized model's float layers (the box branch) in f32
     assert weights.stat().st_size < 0.35 * (result.run_dir / "model.fp32.onnx").stat().st_size
     assert read_metadata(xml) == read_metadata(result.run_dir / "model.int8.cpu.onnx")
+    # the stem reads the image space-to-depth on ONNX Runtime only; OpenVINO gets the strided conv
+    import openvino as ov
+
+    stem_ops = {node.op_type for node in onnx.load(str(result.run_dir / "model.int8.cpu.onnx")).graph.node}
+    assert "SpaceToDepth" in stem_ops
+    assert "SpaceToDepth" not in {op.get_type_name() for op in ov.Core().read_model(str(xml)).get_ops()}
