@@ -51,7 +51,8 @@ class Calibrated:
     model: torch.nn.Module
     """The fused network with every quantizer calibrated (all layers INT8)."""
     key: str
-    images: int
+    images: DetectionDataset
+    """The calibration images (bias correction measures on them too)."""
 
 
 def calibration_images(ctx: RunContext, validation: DetectionDataset | None) -> CalibrationImages:
@@ -135,4 +136,4 @@ def calibrate(ctx: RunContext, loaded: Loaded, images: DetectionDataset) -> Cali
         outputs=[path],
     )
     model = calibrated[0] if calibrated else load_calibration(loaded.detector.model, path)
-    return Calibrated(model, record.key, len(images))
+    return Calibrated(model, record.key, images)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -19,13 +20,23 @@ from nasquant.artifacts import (
     KEY_RECIPE_HASH,
     end_to_end_path,
 )
+from nasquant.data.datasets import iter_batches
 from nasquant.export import export_onnx, write_cpu_flavor, write_end_to_end
 from nasquant.openvino import cpu_has_bf16
+from nasquant.pipeline.calibrate import Calibrated
 from nasquant.pipeline.context import RecipeFields, RunContext, cached_stage, file_key, stage_key
 from nasquant.pipeline.load import Loaded
 from nasquant.pipeline.select import Selection
+from nasquant.quant import correct_biases
 
-READS = ("export", "benchmark.size", "benchmark.batch_sizes", "validation.protocol")
+READS = (
+    "export",
+    "benchmark.size",
+    "benchmark.batch_sizes",
+    "validation.protocol",
+    "quantization.bias_correction",
+    "calibration.batch_size",
+)
 #: With the calibration's key, what an INT8 graph records as the recipe that made it
 #: (``nasquant.recipe_hash``); an FP32 graph records model, input and export only.
 PROVENANCE = ("model", "input", "quantization", "export")
@@ -66,7 +77,7 @@ class _Variant:
     """Keys of what the graph is computed from beyond the FP32 model: the calibration, for INT8."""
 
 
-def export(ctx: RunContext, loaded: Loaded, selection: Selection, calibration_key: str) -> Exported:
+def export(ctx: RunContext, loaded: Loaded, selection: Selection, calibrated: Calibrated) -> Exported:
     """One cached stage per variant (``export model.fp32``, ``export model.int8``, ...): a new
     calibration or float-layer list re-exports the INT8 graphs and leaves the FP32 graph alone."""
     fields = ctx.fields(*READS)
@@ -76,7 +87,7 @@ def export(ctx: RunContext, loaded: Loaded, selection: Selection, calibration_ke
     sizes = {loaded.spec.imgsz: False}
     if bench_size != loaded.spec.imgsz:
         sizes[bench_size] = True
-    calibrated = (calibration_key,)
+    upstream = (calibrated.key,)
     variants = [
         _Variant("ORT FP32", loaded.detector.model, "fp32", "model.fp32", [], None, ()),
         _Variant(
@@ -86,7 +97,7 @@ def export(ctx: RunContext, loaded: Loaded, selection: Selection, calibration_ke
             "model.int8",
             selection.skipped,
             selection.fp_reason,
-            calibrated,
+            upstream,
         ),
     ]
     # which graphs exist, not what any one of them is: no graph's key holds it
@@ -100,7 +111,7 @@ def export(ctx: RunContext, loaded: Loaded, selection: Selection, calibration_ke
                 "model.int8-all",
                 [],
                 baseline,
-                calibrated,
+                upstream,
             )
         )
     layout = ctx.layout
@@ -119,7 +130,7 @@ def export(ctx: RunContext, loaded: Loaded, selection: Selection, calibration_ke
                     variant.fp_reason,
                 )
             )
-        _export_variant(ctx, loaded, selection, fields, variant, sizes)
+        _export_variant(ctx, loaded, selection, calibrated, fields, variant, sizes)
     section = ctx.fields("openvino").openvino
     if not section.enabled or importlib.util.find_spec("openvino") is None:
         return Exported(artifacts)
@@ -155,6 +166,35 @@ def write_openvino_ir(ctx: RunContext, sources: list[Path], stage: str) -> list[
     return outputs
 
 
+def _bias_corrected(
+    ctx: RunContext,
+    loaded: Loaded,
+    calibrated: Calibrated,
+    fields: RecipeFields,
+    variant: _Variant,
+    *,
+    unsigned_nonnegative: bool,
+) -> torch.nn.Module:
+    """``variant``'s model with each quantized conv's mean output shift folded into its bias, measured
+    on the calibration images on one flavour's grids (:func:`nasquant.quant.correct_biases`): after
+    the selection, so only the layers that stay INT8 are corrected."""
+    batch_size = fields.calibration.batch_size
+    batches = (b.images for b in iter_batches(calibrated.images, loaded.spec, batch_size))
+    corrected = correct_biases(
+        variant.module,
+        batches,
+        unsigned_nonnegative=unsigned_nonnegative,
+        progress=ctx.progress,
+        total=-(-len(calibrated.images) // batch_size),
+    )
+    flavour = "CPU" if unsigned_nonnegative else "TensorRT"
+    ctx.log(
+        f"[export {variant.stem}] bias correction ({flavour} flavour's grids): {len(corrected.shifts)} convs, "
+        f"mean |shift| {corrected.mean_abs_shift:.2e} on {len(calibrated.images)} calibration images"
+    )
+    return corrected.model
+
+
 def openvino_artifacts(artifacts: list[Artifact], *, bf16: bool) -> list[Artifact]:
     """The same models on OpenVINO (``nasquant[openvino]``): FP32 at f32 compute, FP32 at bf16 compute
     (``bf16``) where the CPU has it (OpenVINO's own default there, so a labelled row of its own), and
@@ -186,6 +226,7 @@ def _export_variant(
     ctx: RunContext,
     loaded: Loaded,
     selection: Selection,
+    calibrated: Calibrated,
     fields: RecipeFields,
     variant: _Variant,
     sizes: dict[int, bool],
@@ -213,22 +254,35 @@ def _export_variant(
         KEY_FP_LAYERS: json.dumps(variant.fp_layers),
     }
 
+    def write(module: torch.nn.Module, path: Path, size: int) -> Path:
+        return export_onnx(
+            module,
+            path,
+            imgsz=size,
+            batch=fields.benchmark.batch_sizes[0],
+            dynamic_batch=section.dynamic_batch,
+            opset=section.opset,
+            simplify=section.simplify,
+            float_weights=section.float_weights,
+            metadata=metadata,
+        )
+
     def compute() -> dict:
+        trt_module = cpu_module = variant.module
+        if int8 and fields.quantization.bias_correction:  # each flavour corrected on its own grids
+            trt_module = _bias_corrected(ctx, loaded, calibrated, fields, variant, unsigned_nonnegative=False)
+            cpu_module = _bias_corrected(ctx, loaded, calibrated, fields, variant, unsigned_nonnegative=True)
         for size, bench in sizes.items():
-            target = layout.graph(variant.stem, "trt" if int8 else None, bench=bench)
-            export_onnx(
-                variant.module,
-                target,
-                imgsz=size,
-                batch=fields.benchmark.batch_sizes[0],
-                dynamic_batch=section.dynamic_batch,
-                opset=section.opset,
-                simplify=section.simplify,
-                float_weights=section.float_weights,
-                metadata=metadata,
-            )
-            if int8:  # the CPU flavour is a rewrite of the TensorRT one: one calibration, two graphs
-                write_cpu_flavor(target, layout.graph(variant.stem, "cpu", bench=bench))
+            target = write(trt_module, layout.graph(variant.stem, "trt" if int8 else None, bench=bench), size)
+            if not int8:
+                continue
+            # The CPU flavour is a rewrite of a TensorRT-flavour graph: one calibration, two graphs.
+            cpu = layout.graph(variant.stem, "cpu", bench=bench)
+            if cpu_module is trt_module:
+                write_cpu_flavor(target, cpu)
+                continue
+            with tempfile.TemporaryDirectory(prefix=".nasquant-export-", dir=cpu.parent) as folder:
+                write_cpu_flavor(write(cpu_module, Path(folder) / target.name, size), cpu)
         for raw in outputs:
             if end_to_end_path(raw) in end_to_end:
                 write_end_to_end(raw, end_to_end_path(raw), section.nms_settings)

@@ -111,7 +111,7 @@ def run_export(
         if selection.recipe is not ctx.recipe:
             ctx = replace(ctx, recipe=selection.recipe)
             ctx.recipe.dump(ctx.run_dir)
-        exported = export_graphs(ctx, loaded, selection, start.calibrated.key)
+        exported = export_graphs(ctx, loaded, selection, start.calibrated)
         write_guide(ctx, loaded, exported)
         graphs = {flavor: ctx.layout.graph(_INT8_STEM, flavor) for flavor in ("trt", "cpu")}
         if ctx.recipe.export.nms:

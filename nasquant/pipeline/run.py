@@ -92,7 +92,7 @@ def quantize(ctx: RunContext) -> dict:
     if selection.recipe is not ctx.recipe:
         ctx = replace(ctx, recipe=selection.recipe)
         ctx.recipe.dump(ctx.run_dir)
-    exported = export_graphs(ctx, loaded, selection, calibrated.key)
+    exported = export_graphs(ctx, loaded, selection, calibrated)
     built = engines(ctx, exported)
     artifacts = exported.artifacts + built.artifacts
     rows = paired(ctx, loaded, artifacts, [evaluate(ctx, loaded, artifact) for artifact in artifacts])

@@ -1,5 +1,6 @@
 """Selective INT8 post-training quantization with NVIDIA ModelOpt."""
 
+from nasquant.quant.bias_correction import BiasCorrection, correct_biases
 from nasquant.quant.calibrate import (
     CALIBRATION_METHODS,
     calibrate,
@@ -13,7 +14,9 @@ from nasquant.quant.state import load_calibration, read_calibration_settings, sa
 
 __all__ = [
     "CALIBRATION_METHODS",
+    "BiasCorrection",
     "calibrate",
+    "correct_biases",
     "insert_quantizers",
     "keep_in_float",
     "load_calibration",

@@ -6,8 +6,10 @@ import importlib.util
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
+from onnx import numpy_helper
 
 from nasquant.artifacts import (
     CALIBRATION_NAME,
@@ -108,3 +110,37 @@ def test_openvino_int8_export_converts_the_cpu_flavour(tmp_path: Path) -> None:
     stem_ops = {node.op_type for node in onnx.load(str(result.run_dir / "model.int8.cpu.onnx")).graph.node}
     assert "SpaceToDepth" in stem_ops
     assert "SpaceToDepth" not in {op.get_type_name() for op in ov.Core().read_model(str(xml)).get_ops()}
+
+
+def _conv_biases(path: Path) -> dict[str, np.ndarray]:
+    graph = onnx.load(str(path)).graph
+    values = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    return {
+        node.name: values[node.input[2]]
+        for node in graph.node
+        if node.op_type == "Conv" and len(node.input) > 2
+    }
+
+
+def test_bias_correction_corrects_each_flavour_on_its_own_grids(tmp_path: Path) -> None:
+    graphs = {}
+    for corrected in (False, True):
+        base = _from_calib(nms=None)
+        recipe = replace(base, quantization=replace(base.quantization, bias_correction=corrected))
+        lines: list[str] = []
+        result = run_export(
+            recipe, "onnx-int8", output=tmp_path / str(corrected), progress=False, log=lines.append
+        )
+        graphs[corrected] = {p.name.split(".")[-2]: _conv_biases(p) for p in result.files}
+        assert sum("bias correction" in line for line in lines) == (2 if corrected else 0)
+    stem = next(name for name in graphs[False]["trt"] if "stem" in name)
+    float_conv = next(name for name in graphs[False]["trt"] if "reg_pred" in name)
+    plain, corrected = graphs[False], graphs[True]
+    # without it both flavours carry the calibrated model's biases; with it, each its own correction
+    np.testing.assert_array_equal(plain["trt"][stem], plain["cpu"][stem])
+    for flavour in ("trt", "cpu"):
+        assert not np.array_equal(corrected[flavour][stem], plain[flavour][stem]), flavour
+        np.testing.assert_array_equal(
+            corrected[flavour][float_conv], plain[flavour][float_conv]
+        )  # float layer
+    assert not np.array_equal(corrected["trt"][stem], corrected["cpu"][stem])

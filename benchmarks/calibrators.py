@@ -1,0 +1,179 @@
+"""The calibrator race: which activation calibrator, with or without bias correction, loses least mAP?
+
+    .venv/bin/python -m benchmarks.calibrators [--methods max percentile:99.99 ...] [--bias-correction both]
+
+On the shapes fixture, for each calibrator (ModelOpt's ``max``, ``percentile`` at a few percentiles,
+``entropy``, ``mse``) and bias correction off/on (:mod:`nasquant.quant.bias_correction`), over three
+calibration draws (the recipe's 256 images, and two seeded halves of them: one draw alone cannot show a
+0.1-point difference, ``benchmarks/skip_lists.md``), the shipped skip list (the box branch) and
+quantize-everything are exported as the pipeline exports them, and validated on the whole validation
+set: the CPU flavour on ONNX Runtime (integer kernels, unsigned grids) and on OpenVINO, the TensorRT
+flavour on ONNX Runtime (TensorRT's signed grids; TensorRT itself does not run here). Mean and spread
+over the draws, Δ vs FP32 in mAP points. No timing: a calibrator changes ranges, not kernels.
+Writes ``benchmarks/calibrators.md`` and ``.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from nasquant import NAS
+from nasquant.bench import host_info
+from nasquant.data.calibration import select_calibration_images
+from nasquant.data.datasets import iter_batches, load_dataset
+from nasquant.eval.validate import validate
+from nasquant.export import export_onnx, write_cpu_flavor
+from nasquant.io import write_json
+from nasquant.quant import calibrate, correct_biases, keep_in_float
+from nasquant.recipe import load_recipe
+from nasquant.report.markdown import host_summary
+from nasquant.runtime import OnnxRuntimeBackend
+from nasquant.settings import BOX_BRANCH_LAYERS
+
+HERE = Path(__file__).resolve().parent
+RECIPE = HERE.parent / "recipes" / "shapes_s_int8.yaml"
+#: The recipe's images, then two seeded halves of them.
+DRAWS = (("recipe's 256", None, None), ("half, seed 1", 128, 1), ("half, seed 2", 128, 2))
+DEFAULT_METHODS = ("max", "percentile:99.9", "percentile:99.99", "percentile:99.999", "entropy", "mse")
+#: The graphs each configuration is validated as (name -> skip list, flavour, runtime).
+GRAPHS = {
+    "selective, CPU flavour, ORT": ("selective", "cpu", "onnxruntime"),
+    "selective, CPU flavour, OpenVINO": ("selective", "cpu", "openvino"),
+    "selective, TensorRT flavour, ORT": ("selective", "trt", "onnxruntime"),
+    "all layers, CPU flavour, ORT": ("all", "cpu", "onnxruntime"),
+}
+
+
+@dataclass
+class Result:
+    method: str
+    bias_correction: bool
+    draws: dict[str, dict[str, float]] = field(default_factory=dict)
+    """draw -> graph -> mAP50-95 (fraction)."""
+
+
+def _parse_method(text: str) -> tuple[str, float]:
+    name, _, percentile = text.partition(":")
+    return name, float(percentile) if percentile else 99.99
+
+
+def _validate(path: Path, runtime: str, validation, spec) -> float:
+    if runtime == "openvino":
+        from nasquant.runtime import OpenVINOBackend
+
+        backend = OpenVINOBackend(path, threads=2)
+    else:
+        backend = OnnxRuntimeBackend(path, threads=2)
+    with backend:
+        return validate(backend, validation, spec, batch_size=1, progress=False)["map50_95"]
+
+
+def _flavours(model, skip: str, bias_correction: bool, batches, work: Path, imgsz: int) -> dict[str, Path]:
+    """Both INT8 flavours of ``model``, as the pipeline writes them; with bias correction, each measured
+    on its own flavour's grids (the CPU flavour from a graph of the CPU-corrected biases)."""
+    trt_model = cpu_model = model
+    if bias_correction:
+        trt_model = correct_biases(model, batches, progress=False).model
+        cpu_model = correct_biases(model, batches, unsigned_nonnegative=True, progress=False).model
+    trt = export_onnx(trt_model, work / f"{skip}.trt.onnx", imgsz=imgsz, simplify=True)
+    source = trt
+    if cpu_model is not trt_model:
+        source = export_onnx(cpu_model, work / f"{skip}.cpu-source.onnx", imgsz=imgsz, simplify=True)
+    return {"trt": trt, "cpu": write_cpu_flavor(source, work / f"{skip}.cpu.onnx")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), help="name or percentile:P")
+    parser.add_argument("--bias-correction", choices=("off", "on", "both"), default="both")
+    parser.add_argument("--output", type=Path, default=HERE / "calibrators")
+    args = parser.parse_args()
+    recipe = load_recipe(RECIPE)
+    nas = NAS(recipe.resolve_path(recipe.model.checkpoint)).fuse()
+    spec = nas.preprocessing(recipe.validation.protocol, recipe.input.size)
+    validation = load_dataset(recipe.resolve_path(recipe.validation.data))
+    source = load_dataset(recipe.resolve_path(recipe.calibration.data), kind=recipe.calibration.format)
+    graphs = {
+        name: g for name, g in GRAPHS.items() if g[2] != "openvino" or importlib.util.find_spec("openvino")
+    }
+    corrections = {"off": (False,), "on": (True,), "both": (False, True)}[args.bias_correction]
+    with tempfile.TemporaryDirectory(prefix="nasquant-calibrators-") as folder:
+        work = Path(folder)
+        fp32 = export_onnx(nas.model, work / "model.fp32.onnx", imgsz=spec.imgsz)
+        fp32_map = _validate(fp32, "onnxruntime", validation, spec)
+        results = [Result(method, bc) for method in args.methods for bc in corrections]
+        for draw, count, seed in DRAWS:
+            chosen = select_calibration_images(source, num_images=count or len(source), seed=seed or 0)
+            batches = [b.images for b in iter_batches(chosen, spec, recipe.calibration.batch_size)]
+            for method_text in args.methods:
+                method, percentile = _parse_method(method_text)
+                calibrated = calibrate(
+                    nas.model, batches, method=method, percentile=percentile, progress=False
+                )
+                models = {
+                    "all": calibrated,
+                    "selective": keep_in_float(calibrated, list(BOX_BRANCH_LAYERS))[0],
+                }
+                for result in (r for r in results if r.method == method_text):
+                    scores = result.draws.setdefault(draw, {})
+                    for skip, model in models.items():
+                        files = _flavours(model, skip, result.bias_correction, batches, work, spec.imgsz)
+                        for name, (graph_skip, flavor, runtime) in graphs.items():
+                            if graph_skip == skip:
+                                scores[name] = _validate(files[flavor], runtime, validation, spec)
+                    line = ", ".join(f"{n} {100 * (m - fp32_map):+.3f}" for n, m in scores.items())
+                    print(
+                        f"[{draw}] {method_text} bias correction {result.bias_correction}: {line}", flush=True
+                    )
+    record = {
+        "command": "python -m benchmarks.calibrators " + " ".join(sys.argv[1:]),
+        "host": host_info(ort_threads=2),
+        "recipe": str(RECIPE),
+        "fp32_map50_95": fp32_map,
+        "draws": [d[0] for d in DRAWS],
+        "graphs": list(graphs),
+        "results": [asdict(r) for r in results],
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    write_json(args.output.with_suffix(".json"), record)
+    args.output.with_suffix(".md").write_text(_markdown(record))
+    print(f"wrote {args.output.with_suffix('.md')}")
+
+
+def _markdown(record: dict) -> str:
+    fp32 = record["fp32_map50_95"]
+    graphs = record["graphs"]
+    lines = [
+        "# Calibrator race: activation calibrators × bias correction, shapes fixture",
+        "",
+        f"Host: {host_summary(record['host'])}. FP32 {100 * fp32:.2f} mAP50-95 (ONNX Runtime, whole validation "
+        f"set at 320). Each cell: mean Δ vs FP32 in mAP points over {len(record['draws'])} calibration draws "
+        f"({'; '.join(record['draws'])}), ± the spread (max − min). `{record['command'].strip()}`.",
+        "",
+        "| calibrator | bias correction | " + " | ".join(graphs) + " |",
+        "|---|---|" + "---|" * len(graphs),
+    ]
+    for result in record["results"]:
+        cells = []
+        for graph in graphs:
+            deltas = [100 * (scores[graph] - fp32) for scores in result["draws"].values() if graph in scores]
+            cells.append(
+                f"{statistics.mean(deltas):+.3f} ± {max(deltas) - min(deltas):.2f}" if deltas else "—"
+            )
+        lines.append(
+            f"| {result['method']} | {'on' if result['bias_correction'] else 'off'} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""Bias correction: cancel each quantized conv's mean output shift, measured on calibration images.
+
+Rounding a conv's weights (and its input) to the INT8 grid moves the mean of each output channel a
+little, and a detector's box and score heads integrate such shifts over many layers. NNCF applies the
+remedy by default (its FastBiasCorrection); ModelOpt does not. Here, in one pass of the calibrated,
+fake-quantized model over the calibration images, every quantized conv sees the input the quantized
+network gives it and is run twice on it: as quantized (its output in the pass) and in float (its own
+float weights on the unrounded input). The per-channel mean of the difference is added to the conv's
+bias. The bias stays a float tensor of the network, so every exported flavour (TensorRT's, the CPU's,
+OpenVINO's IR) carries the correction and the graphs remain pure Q/DQ.
+
+Each conv's shift is measured on the inputs of the uncorrected network (one pass, like NNCF's fast
+variant): the corrections of earlier layers change later inputs by a second-order amount.
+
+The shift depends on the grid. The TensorRT flavour computes ModelOpt's signed activation grids, the
+CPU flavour puts every non-negative tensor on an unsigned grid twice as fine
+(:func:`nasquant.export.qdq.unsigned_grids_for_nonnegative`), whose rounding moves means less; a
+correction measured on one grid over-corrects the other (measured: ``benchmarks/calibrators.md``).
+``unsigned_nonnegative=True`` measures on the CPU flavour's grids: each activation quantizer that saw
+no negative value on the images runs unsigned (scale amax/255) while measuring.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from nasquant.errors import NasquantError
+
+
+@dataclass
+class _ShiftSum:
+    total: torch.Tensor
+    count: int = 0
+
+
+@dataclass(frozen=True)
+class BiasCorrection:
+    """A bias-corrected copy of a calibrated model and what was added to each conv's bias."""
+
+    model: nn.Module
+    shifts: dict[str, np.ndarray] = field(repr=False)
+    """Per quantized conv (module name): the per-output-channel amount added to its bias."""
+
+    @property
+    def mean_abs_shift(self) -> float:
+        """The mean |shift| over every corrected channel: how much the rounding had moved outputs."""
+        values = np.concatenate([shift.ravel() for shift in self.shifts.values()]) if self.shifts else []
+        return float(np.abs(values).mean()) if len(values) else 0.0
+
+
+def _quantized_convs(model: nn.Module) -> dict[str, nn.Conv2d]:
+    """The convs whose weight or input is quantized (ModelOpt's quantizers enabled)."""
+    convs = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Conv2d):
+            continue
+        quantizers = [getattr(module, attr, None) for attr in ("weight_quantizer", "input_quantizer")]
+        if any(q is not None and q.is_enabled for q in quantizers):
+            convs[name] = module
+    return convs
+
+
+@torch.no_grad()
+def correct_biases(
+    model: nn.Module,
+    batches: Iterable[np.ndarray],
+    *,
+    unsigned_nonnegative: bool = False,
+    progress: bool = True,
+    total: int | None = None,
+) -> BiasCorrection:
+    """A copy of the calibrated ``model`` whose quantized convs' biases cancel their mean output shift
+    on ``batches`` (the calibration images, preprocessed), measured on ModelOpt's signed grids (the
+    TensorRT flavour) or, with ``unsigned_nonnegative``, on the CPU flavour's; ``model`` is untouched."""
+    corrected = copy.deepcopy(model).eval()
+    convs = _quantized_convs(corrected)
+    if not convs:
+        raise NasquantError("bias correction needs a quantized model: no conv has an enabled quantizer")
+    batches = [np.ascontiguousarray(batch) for batch in batches]
+    if not batches:
+        raise NasquantError("bias correction received no images")
+    unsigned = _nonnegative_activation_quantizers(corrected, batches) if unsigned_nonnegative else []
+    for quantizer in unsigned:
+        quantizer.unsigned = True
+    sums: dict[str, _ShiftSum] = {}
+
+    def measure(name: str):
+        def hook(module: nn.Conv2d, inputs: tuple[torch.Tensor, ...], quantized: torch.Tensor) -> None:
+            reference = F.conv2d(
+                inputs[0],
+                module.weight,
+                module.bias,
+                module.stride,
+                module.padding,
+                module.dilation,
+                module.groups,
+            )
+            difference = (reference - quantized).double()
+            channel_sum = difference.sum(dim=(0, 2, 3))
+            entry = sums.setdefault(name, _ShiftSum(torch.zeros_like(channel_sum)))
+            entry.total += channel_sum
+            entry.count += difference.numel() // difference.shape[1]
+
+        return hook
+
+    handles = [module.register_forward_hook(measure(name)) for name, module in convs.items()]
+    try:
+        with tqdm(batches, total=total, desc="bias correction", unit="batch", disable=not progress) as bar:
+            for batch in bar:
+                corrected(torch.from_numpy(batch))
+    finally:
+        for handle in handles:
+            handle.remove()
+        for quantizer in unsigned:  # the model keeps ModelOpt's grids: the CPU flavour derives its own
+            quantizer.unsigned = False
+    shifts = {}
+    for name, module in convs.items():
+        entry = sums.get(name)
+        if entry is None:  # a conv the forward pass never reached
+            continue
+        shift = (entry.total / entry.count).to(module.weight.dtype)
+        if module.bias is None:
+            module.bias = nn.Parameter(shift.clone())
+        else:
+            module.bias.add_(shift)
+        shifts[name] = shift.cpu().numpy()
+    return BiasCorrection(corrected, shifts)
+
+
+def _nonnegative_activation_quantizers(model: nn.Module, batches: list[np.ndarray]) -> list[nn.Module]:
+    """The enabled activation quantizers (not weights) whose input was never negative on ``batches``."""
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    minima: dict[nn.Module, float] = {}
+
+    def record(quantizer: nn.Module, inputs: tuple[torch.Tensor, ...], _output: torch.Tensor) -> None:
+        minima[quantizer] = min(minima.get(quantizer, float("inf")), float(inputs[0].min()))
+
+    quantizers = [
+        module
+        for name, module in model.named_modules()
+        if isinstance(module, TensorQuantizer) and module.is_enabled and not name.endswith("weight_quantizer")
+    ]
+    handles = [quantizer.register_forward_hook(record) for quantizer in quantizers]
+    try:
+        for batch in batches:
+            model(torch.from_numpy(batch))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [quantizer for quantizer in quantizers if minima.get(quantizer, -1.0) >= 0]

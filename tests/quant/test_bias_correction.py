@@ -1,0 +1,76 @@
+"""Bias correction on the calibrated shapes fixture: what it measures, what it changes, what it leaves."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from nasquant import NAS
+from nasquant.data.calibration import select_calibration_images
+from nasquant.data.datasets import iter_batches, load_dataset
+from nasquant.errors import NasquantError
+from nasquant.quant import correct_biases, keep_in_float
+from nasquant.settings import BOX_BRANCH_LAYERS
+from tests.shared import shared_path
+
+STEM = "backbone.stem.conv.rbr_reparam"
+
+
+@pytest.fixture(scope="module")
+def batches(shapes_nas: NAS) -> list[np.ndarray]:
+    chosen = select_calibration_images(load_dataset(shared_path("data", "shapes", "calib")), num_images=16)
+    return [batch.images for batch in iter_batches(chosen, shapes_nas.preprocessing(), 8)]
+
+
+def _biases(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters() if name.endswith(".bias")}
+
+
+def test_each_quantized_conv_gets_its_mean_output_shift_added_to_its_bias(
+    shapes_nas: NAS, calibrated: torch.nn.Module, batches: list[np.ndarray]
+) -> None:
+    before = _biases(calibrated)
+    first = correct_biases(calibrated, batches, progress=False)
+    assert all(torch.equal(p, before[n]) for n, p in _biases(calibrated).items())  # the input is untouched
+    assert len(first.shifts) == 98  # YOLO-NAS-S's convs (the two ConvTransposes are not corrected)
+    assert first.mean_abs_shift > 0
+    after = _biases(first.model)
+    for name, shift in first.shifts.items():
+        assert torch.equal(after[f"{name}.bias"], before[f"{name}.bias"] + torch.from_numpy(shift))
+    # The stem reads the image, which no correction changes: corrected, its per-channel output means are
+    # the float model's, to float rounding; uncorrected, they were off by the measured shift.
+    fp32, uncorrected, corrected = (
+        _channel_means(model, STEM, batches) for model in (shapes_nas.model, calibrated, first.model)
+    )
+    np.testing.assert_allclose(fp32 - uncorrected, first.shifts[STEM], rtol=1e-3, atol=1e-6)
+    assert np.abs(corrected - fp32).max() < 1e-3 * np.abs(first.shifts[STEM]).max()
+
+
+def _channel_means(model: torch.nn.Module, layer: str, batches: list[np.ndarray]) -> np.ndarray:
+    """The per-channel mean of ``layer``'s output over ``batches``."""
+    sums: list[torch.Tensor] = []
+    handle = model.get_submodule(layer).register_forward_hook(
+        lambda _module, _inputs, output: sums.append(output.double().mean(dim=(0, 2, 3)) * len(output))
+    )
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                model(torch.from_numpy(batch))
+    finally:
+        handle.remove()
+    return (torch.stack(sums).sum(0) / sum(len(b) for b in batches)).numpy()
+
+
+def test_layers_kept_in_float_are_not_corrected(
+    calibrated: torch.nn.Module, batches: list[np.ndarray]
+) -> None:
+    selective, skipped = keep_in_float(calibrated, list(BOX_BRANCH_LAYERS))
+    corrected = correct_biases(selective, batches, progress=False)
+    assert len(skipped) == 6 and not set(skipped) & set(corrected.shifts)
+    assert len(corrected.shifts) == 98 - len(skipped)
+
+
+def test_a_model_without_quantizers_is_refused(shapes_nas: NAS, batches: list[np.ndarray]) -> None:
+    with pytest.raises(NasquantError, match="no conv has an enabled quantizer"):
+        correct_biases(shapes_nas.model, batches, progress=False)
