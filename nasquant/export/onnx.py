@@ -224,9 +224,11 @@ def half_factors_by_weight(model: torch.nn.Module) -> dict[str, HalfFactors]:
     }
 
 
-def store_half_float_weights(model: onnx.ModelProto, factors: Mapping[str, HalfFactors] | None = None) -> int:
+def store_half_float_weights(
+    model: onnx.ModelProto, factors: Mapping[str, HalfFactors] | None = None
+) -> None:
     """Store every float32 conv weight initializer of ``model`` in float16, read through a Cast to
-    float32, in place; return how many were stored without rounding.
+    float32, in place.
 
     The convs are the layers an INT8 graph keeps in floating point (the quantized ones read int8
     weights through DequantizeLinear). Runtimes fold the Cast into a float32 constant when they load
@@ -239,21 +241,18 @@ def store_half_float_weights(model: onnx.ModelProto, factors: Mapping[str, HalfF
     graph = model.graph
     factors = factors or {}
     conv_weights = {node.input[1] for node in graph.node if node.op_type in ("Conv", "ConvTranspose")}
-    rebuilds, exact = [], 0
+    rebuilds = []
     for index, initializer in enumerate(graph.initializer):
         if initializer.name not in conv_weights or initializer.data_type != TensorProto.FLOAT:
             continue
         name, weight = initializer.name, numpy_helper.to_array(initializer)
         half, scale = weight.astype(np.float16), None
-        if _same_bits(half.astype(np.float32), weight):
-            exact += 1
-        elif name in factors:
+        if not _same_bits(half.astype(np.float32), weight) and name in factors:
             candidate = factors[name]
             half = candidate.half_weight.cpu().numpy()
             scale = candidate.channel_scale.cpu().numpy().astype(np.float32)
-            if half.shape == weight.shape and _same_bits(half.astype(np.float32) * scale, weight):
-                exact += 1
-            else:  # the graph's weight is not the fold these factors describe
+            if half.shape != weight.shape or not _same_bits(half.astype(np.float32) * scale, weight):
+                # the graph's weight is not the fold these factors describe
                 half, scale = weight.astype(np.float16), None
         stored = f"{name}_float16"
         graph.initializer[index].CopyFrom(numpy_helper.from_array(half, stored))
@@ -271,7 +270,6 @@ def store_half_float_weights(model: onnx.ModelProto, factors: Mapping[str, HalfF
     nodes = [*rebuilds, *graph.node]
     del graph.node[:]
     graph.node.extend(nodes)
-    return exact
 
 
 def _cast_to_float(source: str, target: str) -> onnx.NodeProto:
