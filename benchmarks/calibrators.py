@@ -79,8 +79,11 @@ def _flavours(model, skip: str, bias_correction: bool, batches, work: Path, imgs
     on its own flavour's grids (the CPU flavour from a graph of the CPU-corrected biases)."""
     trt_model = cpu_model = model
     if bias_correction:
-        trt_model = correct_biases(model, batches, progress=False).model
-        cpu_model = correct_biases(model, batches, unsigned_nonnegative=True, progress=False).model
+        trt = correct_biases(model, batches, progress=False)
+        trt_model = trt.model
+        cpu_model = correct_biases(
+            model, batches, unsigned_quantizers=trt.nonnegative_quantizers, progress=False
+        ).model
     trt = export_onnx(trt_model, work / f"{skip}.trt.onnx", imgsz=imgsz, simplify=True)
     source = trt
     if cpu_model is not trt_model:

@@ -167,32 +167,24 @@ def write_openvino_ir(ctx: RunContext, sources: list[Path], stage: str) -> list[
 
 
 def _bias_corrected(
-    ctx: RunContext,
-    loaded: Loaded,
-    calibrated: Calibrated,
-    fields: RecipeFields,
-    variant: _Variant,
-    *,
-    unsigned_nonnegative: bool,
-) -> torch.nn.Module:
+    ctx: RunContext, loaded: Loaded, calibrated: Calibrated, fields: RecipeFields, variant: _Variant
+) -> tuple[torch.nn.Module, torch.nn.Module]:
     """``variant``'s model with each quantized conv's mean output shift folded into its bias, measured
-    on the calibration images on one flavour's grids (:func:`nasquant.quant.correct_biases`): after
-    the selection, so only the layers that stay INT8 are corrected."""
+    on the calibration images (:func:`nasquant.quant.correct_biases`) on each flavour's grids: the
+    TensorRT flavour's model, then the CPU flavour's. After the selection, so only the layers that stay
+    INT8 are corrected."""
     batch_size = fields.calibration.batch_size
-    batches = (b.images for b in iter_batches(calibrated.images, loaded.spec, batch_size))
-    corrected = correct_biases(
-        variant.module,
-        batches,
-        unsigned_nonnegative=unsigned_nonnegative,
-        progress=ctx.progress,
-        total=-(-len(calibrated.images) // batch_size),
+    batches = [b.images for b in iter_batches(calibrated.images, loaded.spec, batch_size)]
+    trt = correct_biases(variant.module, batches, progress=ctx.progress)
+    cpu = correct_biases(
+        variant.module, batches, unsigned_quantizers=trt.nonnegative_quantizers, progress=ctx.progress
     )
-    flavour = "CPU" if unsigned_nonnegative else "TensorRT"
-    ctx.log(
-        f"[export {variant.stem}] bias correction ({flavour} flavour's grids): {len(corrected.shifts)} convs, "
-        f"mean |shift| {corrected.mean_abs_shift:.2e} on {len(calibrated.images)} calibration images"
-    )
-    return corrected.model
+    for flavour, corrected in (("TensorRT", trt), ("CPU", cpu)):
+        ctx.log(
+            f"[export {variant.stem}] bias correction ({flavour} flavour's grids): {len(corrected.shifts)} "
+            f"convs, mean |shift| {corrected.mean_abs_shift:.2e} on {len(calibrated.images)} calibration images"
+        )
+    return trt.model, cpu.model
 
 
 def openvino_artifacts(artifacts: list[Artifact], *, bf16: bool) -> list[Artifact]:
@@ -270,8 +262,7 @@ def _export_variant(
     def compute() -> dict:
         trt_module = cpu_module = variant.module
         if int8 and fields.quantization.bias_correction:  # each flavour corrected on its own grids
-            trt_module = _bias_corrected(ctx, loaded, calibrated, fields, variant, unsigned_nonnegative=False)
-            cpu_module = _bias_corrected(ctx, loaded, calibrated, fields, variant, unsigned_nonnegative=True)
+            trt_module, cpu_module = _bias_corrected(ctx, loaded, calibrated, fields, variant)
         for size, bench in sizes.items():
             target = write(trt_module, layout.graph(variant.stem, "trt" if int8 else None, bench=bench), size)
             if not int8:

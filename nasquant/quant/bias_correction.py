@@ -16,14 +16,18 @@ The shift depends on the grid. The TensorRT flavour computes ModelOpt's signed a
 CPU flavour puts every non-negative tensor on an unsigned grid twice as fine
 (:func:`nasquant.export.qdq.unsigned_grids_for_nonnegative`), whose rounding moves means less; a
 correction measured on one grid over-corrects the other (measured: ``benchmarks/calibrators.md``).
-``unsigned_nonnegative=True`` measures on the CPU flavour's grids: each activation quantizer that saw
-no negative value on the images runs unsigned (scale amax/255) while measuring.
+So a correction is measured per flavour: first on ModelOpt's grids (the TensorRT flavour), a pass that
+also records which activation quantizers never saw a negative input; then, with those quantizers
+running unsigned (scale amax/255) while measuring, on the CPU flavour's grids::
+
+    trt = correct_biases(model, batches)
+    cpu = correct_biases(model, batches, unsigned_quantizers=trt.nonnegative_quantizers)
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -48,6 +52,8 @@ class BiasCorrection:
     model: nn.Module
     shifts: dict[str, np.ndarray] = field(repr=False)
     """Per quantized conv (module name): the per-output-channel amount added to its bias."""
+    nonnegative_quantizers: frozenset[str] = field(repr=False)
+    """The enabled activation quantizers (module names) whose input was never negative in the pass."""
 
     @property
     def mean_abs_shift(self) -> float:
@@ -73,13 +79,15 @@ def correct_biases(
     model: nn.Module,
     batches: Iterable[np.ndarray],
     *,
-    unsigned_nonnegative: bool = False,
+    unsigned_quantizers: Collection[str] = (),
     progress: bool = True,
     total: int | None = None,
 ) -> BiasCorrection:
     """A copy of the calibrated ``model`` whose quantized convs' biases cancel their mean output shift
-    on ``batches`` (the calibration images, preprocessed), measured on ModelOpt's signed grids (the
-    TensorRT flavour) or, with ``unsigned_nonnegative``, on the CPU flavour's; ``model`` is untouched."""
+    on ``batches`` (the calibration images, preprocessed), measured on ModelOpt's grids except for the
+    ``unsigned_quantizers`` (activation quantizer names), which run on the unsigned grid of their range
+    (the CPU flavour's grids: pass a TensorRT-flavour correction's ``nonnegative_quantizers``).
+    ``model`` is untouched."""
     corrected = copy.deepcopy(model).eval()
     convs = _quantized_convs(corrected)
     if not convs:
@@ -87,9 +95,21 @@ def correct_biases(
     batches = [np.ascontiguousarray(batch) for batch in batches]
     if not batches:
         raise NasquantError("bias correction received no images")
-    unsigned = _nonnegative_activation_quantizers(corrected, batches) if unsigned_nonnegative else []
+    activation_quantizers = _activation_quantizers(corrected)
+    unknown = set(unsigned_quantizers) - set(activation_quantizers)
+    if unknown:
+        raise NasquantError(f"bias correction: no enabled activation quantizer named {sorted(unknown)[0]!r}")
+    unsigned = [activation_quantizers[name] for name in unsigned_quantizers]
     for quantizer in unsigned:
         quantizer.unsigned = True
+    minima: dict[str, float] = {}
+
+    def record_minimum(name: str):
+        def hook(_quantizer: nn.Module, inputs: tuple[torch.Tensor, ...], _output: torch.Tensor) -> None:
+            minima[name] = min(minima.get(name, float("inf")), float(inputs[0].min()))
+
+        return hook
+
     sums: dict[str, _ShiftSum] = {}
 
     def measure(name: str):
@@ -112,6 +132,7 @@ def correct_biases(
         return hook
 
     handles = [module.register_forward_hook(measure(name)) for name, module in convs.items()]
+    handles += [q.register_forward_hook(record_minimum(name)) for name, q in activation_quantizers.items()]
     try:
         with tqdm(batches, total=total, desc="bias correction", unit="batch", disable=not progress) as bar:
             for batch in bar:
@@ -132,28 +153,16 @@ def correct_biases(
         else:
             module.bias.add_(shift)
         shifts[name] = shift.cpu().numpy()
-    return BiasCorrection(corrected, shifts)
+    nonnegative = frozenset(name for name, minimum in minima.items() if minimum >= 0)  # reached, never < 0
+    return BiasCorrection(corrected, shifts, nonnegative)
 
 
-def _nonnegative_activation_quantizers(model: nn.Module, batches: list[np.ndarray]) -> list[nn.Module]:
-    """The enabled activation quantizers (not weights) whose input was never negative on ``batches``."""
+def _activation_quantizers(model: nn.Module) -> dict[str, nn.Module]:
+    """The enabled activation quantizers (not weights), by module name."""
     from modelopt.torch.quantization.nn import TensorQuantizer
 
-    minima: dict[nn.Module, float] = {}
-
-    def record(quantizer: nn.Module, inputs: tuple[torch.Tensor, ...], _output: torch.Tensor) -> None:
-        minima[quantizer] = min(minima.get(quantizer, float("inf")), float(inputs[0].min()))
-
-    quantizers = [
-        module
+    return {
+        name: module
         for name, module in model.named_modules()
         if isinstance(module, TensorQuantizer) and module.is_enabled and not name.endswith("weight_quantizer")
-    ]
-    handles = [quantizer.register_forward_hook(record) for quantizer in quantizers]
-    try:
-        for batch in batches:
-            model(torch.from_numpy(batch))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return [quantizer for quantizer in quantizers if minima.get(quantizer, -1.0) >= 0]
+    }

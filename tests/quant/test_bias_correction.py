@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from modelopt.torch.quantization.nn import TensorQuantizer
 
 from nasquant import NAS
 from nasquant.data.calibration import select_calibration_images
@@ -74,3 +75,25 @@ def test_layers_kept_in_float_are_not_corrected(
 def test_a_model_without_quantizers_is_refused(shapes_nas: NAS, batches: list[np.ndarray]) -> None:
     with pytest.raises(NasquantError, match="no conv has an enabled quantizer"):
         correct_biases(shapes_nas.model, batches, progress=False)
+
+
+def test_the_cpu_flavour_is_measured_on_the_unsigned_grids_of_the_nonnegative_inputs(
+    calibrated: torch.nn.Module, batches: list[np.ndarray]
+) -> None:
+    signed = correct_biases(calibrated, batches, progress=False)
+    # the image (0-1) and every Relu output are never negative; the box branch's decode inputs are
+    assert f"{STEM}.input_quantizer" in signed.nonnegative_quantizers
+    activation_quantizers = {
+        name
+        for name, module in calibrated.named_modules()
+        if isinstance(module, TensorQuantizer) and module.is_enabled and not name.endswith("weight_quantizer")
+    }
+    assert signed.nonnegative_quantizers < activation_quantizers
+    unsigned = correct_biases(
+        calibrated, batches, unsigned_quantizers=signed.nonnegative_quantizers, progress=False
+    )
+    # the stem's input rounded on a grid twice as fine: a different shift; the same convs corrected
+    assert not np.array_equal(unsigned.shifts[STEM], signed.shifts[STEM])
+    assert unsigned.shifts.keys() == signed.shifts.keys()
+    with pytest.raises(NasquantError, match="no enabled activation quantizer named 'nope'"):
+        correct_biases(calibrated, batches, unsigned_quantizers=["nope"], progress=False)
