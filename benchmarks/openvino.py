@@ -101,7 +101,7 @@ def _read_model_ir(onnx_path: Path, work: Path) -> Path:
     return xml
 
 
-def _nncf_ir(fp32_onnx: Path, images: list[np.ndarray], xml: Path, *, expert: bool) -> Path:
+def nncf_ir(fp32_onnx: Path, images: list[np.ndarray], xml: Path, *, expert: bool) -> Path:
     import nncf
     import openvino as ov
 
@@ -121,7 +121,7 @@ def _open(row: Row, size: str) -> OpenVINOBackend:
     return OpenVINOBackend(row.files[size], threads=2, inference_precision=row.inference_precision)
 
 
-def _calibration_images(recipe, imgsz: int) -> list[np.ndarray]:
+def calibration_images(recipe, imgsz: int) -> list[np.ndarray]:
     section = recipe.calibration
     chosen = select_calibration_images(
         load_dataset(section.data, kind=section.format),
@@ -178,8 +178,8 @@ def _rows(run: ArtifactLayout, recipe, work: Path) -> list[Row]:
         label = "expert" if expert else "stock"
         files = {}
         for size, imgsz in sizes.items():
-            images = _calibration_images(recipe, imgsz)
-            files[size] = _nncf_ir(fp32[size], images, work / f"nncf.{label}.{size}.xml", expert=expert)
+            images = calibration_images(recipe, imgsz)
+            files[size] = nncf_ir(fp32[size], images, work / f"nncf.{label}.{size}.xml", expert=expert)
         rows.append(Row(f"NNCF {label}", files))
     return rows
 

@@ -68,6 +68,13 @@ TIMINGS_NAME = "timings.json"
 CALIBRATION_LIST_NAME = "calibration_images.txt"
 #: Every quantizer's calibrated range (ModelOpt state), reloaded by ``--resume``.
 CALIBRATION_NAME = "calibration.safetensors"
+
+
+def finetuned_name(stem: str) -> str:
+    """The fine-tuned weights and ranges of the INT8 model ``stem`` (``model.int8``), reloaded by ``--resume``."""
+    return f"finetuned.{stem}.safetensors"
+
+
 REPORT_JSON, REPORT_MD, REPORT_PNG = "report.json", "report.md", "accuracy_latency.png"
 #: The hand-off to whoever ships the model: engine commands, I/O contract, pre/post-processing.
 DEPLOY_MD = "DEPLOY.md"

@@ -1,6 +1,6 @@
-"""``nasquant quantize RECIPE``: load → calibrate → select → export → engines → evaluate → report, as
-stage functions, each taking typed results and returning one (``load.Loaded``, ``calibrate.Calibrated``,
-``select.Selection``, ``export.Exported``, ...).
+"""``nasquant quantize RECIPE``: load → calibrate → select → finetune → export → engines → evaluate →
+report, as stage functions, each taking typed results and returning one (``load.Loaded``,
+``calibrate.Calibrated``, ``select.Selection``, ``export.Exported``, ...).
 
 Every cached stage's result is recorded in ``stages.json`` under a key built from everything it reads
 (:mod:`nasquant.pipeline.context`), so ``--resume`` reuses exactly the stages whose inputs are

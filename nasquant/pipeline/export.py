@@ -39,7 +39,7 @@ READS = (
 )
 #: With the calibration's key, what an INT8 graph records as the recipe that made it
 #: (``nasquant.recipe_hash``); an FP32 graph records model, input and export only.
-PROVENANCE = ("model", "input", "quantization", "export")
+PROVENANCE = ("model", "input", "quantization", "finetune", "export")
 
 
 @dataclass(frozen=True)

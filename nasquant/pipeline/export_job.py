@@ -17,6 +17,7 @@ from nasquant.pipeline.context import Log, RunContext, cached_stage, file_key, s
 from nasquant.pipeline.engines import settings_for
 from nasquant.pipeline.export import export as export_graphs
 from nasquant.pipeline.export import write_openvino_ir
+from nasquant.pipeline.finetune import finetune
 from nasquant.pipeline.run import calibrated_start, open_run, write_guide
 from nasquant.pipeline.select import select
 from nasquant.recipe import Recipe, load_recipe, recipe_from_dict
@@ -111,6 +112,7 @@ def run_export(
         if selection.recipe is not ctx.recipe:
             ctx = replace(ctx, recipe=selection.recipe)
             ctx.recipe.dump(ctx.run_dir)
+        selection = finetune(ctx, loaded, start.calibrated, selection)
         exported = export_graphs(ctx, loaded, selection, start.calibrated)
         write_guide(ctx, loaded, exported)
         graphs = {flavor: ctx.layout.graph(_INT8_STEM, flavor) for flavor in ("trt", "cpu")}

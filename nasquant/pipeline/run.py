@@ -19,6 +19,7 @@ from nasquant.pipeline.engines import engines, settings_for
 from nasquant.pipeline.evaluate import evaluate, paired
 from nasquant.pipeline.export import Exported
 from nasquant.pipeline.export import export as export_graphs
+from nasquant.pipeline.finetune import finetune
 from nasquant.pipeline.load import Loaded, load
 from nasquant.pipeline.select import Sensitivity, select, sensitivity
 from nasquant.recipe import Recipe
@@ -92,6 +93,7 @@ def quantize(ctx: RunContext) -> dict:
     if selection.recipe is not ctx.recipe:
         ctx = replace(ctx, recipe=selection.recipe)
         ctx.recipe.dump(ctx.run_dir)
+    selection = finetune(ctx, loaded, calibrated, selection)
     exported = export_graphs(ctx, loaded, selection, calibrated)
     built = engines(ctx, exported)
     artifacts = exported.artifacts + built.artifacts

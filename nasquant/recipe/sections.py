@@ -150,7 +150,26 @@ class QuantizationSection:
     measured on its signed grids, the CPU flavour's (and so OpenVINO's) on its unsigned ones. On by
     the evidence (benchmarks/calibrators.md, shapes, mean of 3 calibration draws, Δ mAP points vs
     FP32): selective CPU flavour −0.07 → +0.01, on OpenVINO −0.11 → −0.01, TensorRT flavour −0.11 →
-    +0.08; costs three passes over the calibration images per INT8 model."""
+    +0.08; costs two passes over the calibration images per INT8 model."""
+
+
+@dataclass(frozen=True)
+class FinetuneSection:
+    """Quantization-aware distillation after calibration (:mod:`nasquant.quant.distill`): each INT8
+    model fine-tuned toward the FP32 model's own head outputs on the calibration images, no labels."""
+
+    enabled: bool = False
+    """Run the ``finetune`` stage (minutes on a CPU; the PTQ levers alone are the default)."""
+    steps: int = _constrained(200, ge=1)
+    """Optimizer steps, one calibration batch each."""
+    learning_rate: float = _constrained(1e-5, gt=0, le=1)
+    """Adam's initial rate, decayed to 0 on a cosine."""
+    batch_size: int = _constrained(8, ge=1)
+    """Calibration images per step."""
+    seed: int = _constrained(0, ge=0)
+    """Seed of the batch order and the flips."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where it trains: auto = CUDA when present, else the CPU."""
 
 
 @dataclass(frozen=True)
@@ -310,6 +329,7 @@ class Recipe:
     input: InputSection = field(default_factory=InputSection)
     calibration: CalibrationSection = field(default_factory=CalibrationSection)
     quantization: QuantizationSection = field(default_factory=QuantizationSection)
+    finetune: FinetuneSection = field(default_factory=FinetuneSection)
     export: ExportSection = field(default_factory=ExportSection)
     engines: EnginesSection = field(default_factory=EnginesSection)
     openvino: OpenVINOSection = field(default_factory=OpenVINOSection)

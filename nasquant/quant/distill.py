@@ -1,0 +1,157 @@
+"""Quantization-aware distillation: fine-tune a calibrated, fake-quantized model toward the float
+model's own outputs on the calibration images. No labels.
+
+ModelOpt's QAT mechanics: a calibrated model is already trainable. Its quantizers fake-quantize in
+the forward pass with a straight-through gradient and keep the calibrated ranges (``amax`` is a
+buffer, not a parameter); the weights and biases learn. (ModelOpt's learned-range mode, LSQ, exists
+for its block-scaled formats only, not for INT8 per-tensor activations.) The network was fused before
+quantization, so no BatchNorm is left to drift: BN is frozen by construction.
+
+The teacher is the FP32 network, the target its raw head outputs, level by level:
+
+* class logits: the KL divergence between the student's and the teacher's per-class Bernoulli
+  (sigmoid) distributions, averaged over anchors and classes;
+* box distributions (DFL): KL(teacher ‖ student) of each side's softmax over the ``reg_max + 1`` bins,
+  weighted by the teacher's highest class probability at the anchor (a background anchor's box is never
+  drawn), normalised by the weights' sum.
+
+Both terms are zero exactly when the student reproduces the teacher. Each step takes the next batch of
+calibration images (a seeded shuffle of the batches per pass), each image flipped left-right with
+probability 1/2, both networks seeing the same batch; Adam with a cosine decay of the learning rate to 0.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from nasquant.errors import NasquantError
+from nasquant.models.yolo_nas import DFLHead
+
+
+@dataclass(frozen=True)
+class Distillation:
+    """A fine-tuned copy of a quantized model and the loss of each step."""
+
+    model: nn.Module
+    losses: list[float] = field(repr=False)
+
+    @property
+    def first_loss(self) -> float:
+        """The mean loss over the first tenth of the steps."""
+        return float(np.mean(self.losses[: self._span]))
+
+    @property
+    def last_loss(self) -> float:
+        """The mean loss over the last tenth of the steps."""
+        return float(np.mean(self.losses[-self._span :]))
+
+    @property
+    def _span(self) -> int:
+        return max(1, len(self.losses) // 10)
+
+
+@contextmanager
+def head_outputs(model: nn.Module) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """A list that each forward pass of ``model`` extends with every level's (box, class) logits, for
+    as long as the context is open."""
+    heads = [module for module in model.modules() if isinstance(module, DFLHead)]
+    if not heads:
+        raise NasquantError("distillation needs a YOLO-NAS model: no detection head found")
+    outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+    handles = [head.register_forward_hook(lambda _m, _i, output: outputs.append(output)) for head in heads]
+    try:
+        yield outputs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def distillation_loss(
+    student: list[tuple[torch.Tensor, torch.Tensor]], teacher: list[tuple[torch.Tensor, torch.Tensor]]
+) -> torch.Tensor:
+    """Class-logit KL plus teacher-weighted DFL KL over every level (see the module docstring)."""
+    class_sum = box_sum = weight_sum = 0.0
+    class_count = 0
+    for (student_box, student_cls), (teacher_box, teacher_cls) in zip(student, teacher, strict=True):
+        probability = teacher_cls.sigmoid()
+        class_kl = F.binary_cross_entropy_with_logits(
+            student_cls, probability, reduction="none"
+        ) - F.binary_cross_entropy_with_logits(teacher_cls, probability, reduction="none")
+        class_sum = class_sum + class_kl.sum()
+        class_count += class_kl.numel()
+        batch, channels, height, width = teacher_box.shape
+        bins = channels // 4
+        teacher_log = teacher_box.reshape(batch, 4, bins, height * width).log_softmax(dim=2)
+        student_log = student_box.reshape(batch, 4, bins, height * width).log_softmax(dim=2)
+        box_kl = (teacher_log.exp() * (teacher_log - student_log)).sum(dim=2).mean(dim=1)  # (B, HW)
+        weight = probability.amax(dim=1).reshape(batch, height * width)
+        box_sum = box_sum + (box_kl * weight).sum()
+        weight_sum = weight_sum + weight.sum()
+    return class_sum / class_count + box_sum / weight_sum.clamp_min(1e-6)
+
+
+def distill(
+    model: nn.Module,
+    teacher: nn.Module,
+    batches: Sequence[np.ndarray],
+    *,
+    steps: int,
+    learning_rate: float,
+    seed: int = 0,
+    device: str = "cpu",
+    progress: bool = True,
+) -> Distillation:
+    """A copy of the calibrated ``model`` fine-tuned for ``steps`` toward the float ``teacher``'s head
+    outputs on ``batches`` (preprocessed calibration images); ``model`` and ``teacher`` are untouched."""
+    if steps < 1:
+        raise NasquantError(f"distillation needs at least one step, got {steps}")
+    if not batches:
+        raise NasquantError("distillation received no images")
+    student = copy.deepcopy(model).to(device).eval()  # eval: nothing in the fused network trains differently
+    teacher = copy.deepcopy(teacher).to(device).eval()
+    for parameter in teacher.parameters():
+        parameter.requires_grad_(False)
+    trained = [p for name, p in student.named_parameters() if "_quantizer" not in name]
+    for parameter in trained:
+        parameter.requires_grad_(True)
+    optimizer = torch.optim.Adam(trained, lr=learning_rate)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    generator = np.random.default_rng(seed)
+    losses: list[float] = []
+    order: list[int] = []
+    steps_bar = tqdm(range(steps), desc="distill", unit="step", disable=not progress)
+    with head_outputs(student) as student_outputs, head_outputs(teacher) as teacher_outputs, steps_bar as bar:
+        for _ in bar:
+            if not order:
+                order = list(generator.permutation(len(batches)))
+            images = torch.from_numpy(_flipped(batches[order.pop()], generator)).to(device)
+            student_outputs.clear()
+            teacher_outputs.clear()
+            with torch.no_grad():
+                teacher(images)
+            student(images)
+            loss = distillation_loss(student_outputs, teacher_outputs)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            losses.append(loss.detach().item())
+            bar.set_postfix(loss=f"{losses[-1]:.2e}", refresh=False)
+    for parameter in trained:
+        parameter.requires_grad_(False)
+    return Distillation(student.cpu().eval(), losses)
+
+
+def _flipped(batch: np.ndarray, generator: np.random.Generator) -> np.ndarray:
+    """``batch`` (N, C, H, W) with each image mirrored left-right with probability 1/2."""
+    flip = generator.random(len(batch)) < 0.5
+    return np.ascontiguousarray(np.where(flip[:, None, None, None], batch[..., ::-1], batch))

@@ -1,0 +1,79 @@
+"""Quantization-aware distillation on the calibrated shapes fixture: a few steps on a few images."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from nasquant import NAS
+from nasquant.data.calibration import select_calibration_images
+from nasquant.data.datasets import iter_batches, load_dataset
+from nasquant.errors import NasquantError
+from nasquant.quant import keep_in_float
+from nasquant.quant.distill import distill, distillation_loss, head_outputs
+from nasquant.settings import BOX_BRANCH_LAYERS
+from tests.shared import shared_path
+
+
+@pytest.fixture(scope="module")
+def batches(shapes_nas: NAS) -> list[np.ndarray]:
+    chosen = select_calibration_images(load_dataset(shared_path("data", "shapes", "calib")), num_images=8)
+    return [batch.images for batch in iter_batches(chosen, shapes_nas.preprocessing(), 4)]
+
+
+@torch.no_grad()
+def _loss(model: nn.Module, teacher: nn.Module, batches: list[np.ndarray]) -> float:
+    """The distillation loss of ``model`` against ``teacher`` on ``batches`` (unflipped), averaged."""
+    losses = []
+    with head_outputs(model) as student_outputs, head_outputs(teacher) as teacher_outputs:
+        for batch in batches:
+            student_outputs.clear()
+            teacher_outputs.clear()
+            model(torch.from_numpy(batch))
+            teacher(torch.from_numpy(batch))
+            losses.append(float(distillation_loss(student_outputs, teacher_outputs)))
+    return float(np.mean(losses))
+
+
+def test_the_loss_is_zero_exactly_when_the_outputs_match(shapes_nas: NAS, batches: list[np.ndarray]) -> None:
+    assert _loss(shapes_nas.model, shapes_nas.model, batches[:1]) == pytest.approx(0.0, abs=1e-7)
+    with head_outputs(shapes_nas.model) as outputs, torch.no_grad():
+        shapes_nas.model(torch.from_numpy(batches[0]))
+    shifted = [(box + 0.5, cls) for box, cls in outputs]
+    assert float(distillation_loss(shifted, outputs)) == pytest.approx(0.0, abs=1e-6)  # softmax: shift-free
+    assert float(distillation_loss([(box, cls - 1) for box, cls in outputs], outputs)) > 0
+    assert float(distillation_loss([(box * 2, cls) for box, cls in outputs], outputs)) > 0
+
+
+def test_distillation_moves_the_quantized_model_toward_the_float_one(
+    shapes_nas: NAS, calibrated: nn.Module, batches: list[np.ndarray]
+) -> None:
+    selective = keep_in_float(calibrated, list(BOX_BRANCH_LAYERS))[0]
+    before = {name: t.clone() for name, t in selective.state_dict().items()}
+    result = distill(selective, shapes_nas.model, batches, steps=4, learning_rate=1e-5, progress=False)
+    assert len(result.losses) == 4 and all(np.isfinite(result.losses))
+    # the input model is untouched; the copy's weights moved and its calibrated ranges did not
+    assert all(torch.equal(t, before[name]) for name, t in selective.state_dict().items())
+    tuned = result.model.state_dict()
+    ranges = [name for name in tuned if name.endswith("_amax")]
+    assert ranges and all(torch.equal(tuned[name], before[name]) for name in ranges)
+    assert not torch.equal(
+        tuned["backbone.stem.conv.rbr_reparam.weight"], before["backbone.stem.conv.rbr_reparam.weight"]
+    )
+    assert not any(p.requires_grad for p in result.model.parameters())
+    # on the images it trained on, closer to the float model than the calibrated model was
+    assert _loss(result.model, shapes_nas.model, batches) < _loss(selective, shapes_nas.model, batches)
+    # the same seed, the same steps: the first two (at the initial learning rate on any schedule) again
+    again = distill(selective, shapes_nas.model, batches, steps=2, learning_rate=1e-5, progress=False)
+    assert again.losses == result.losses[:2]
+
+
+def test_bad_requests_are_refused(shapes_nas: NAS, calibrated: nn.Module, batches: list[np.ndarray]) -> None:
+    with pytest.raises(NasquantError, match="at least one step"):
+        distill(calibrated, shapes_nas.model, batches, steps=0, learning_rate=1e-5)
+    with pytest.raises(NasquantError, match="no images"):
+        distill(calibrated, shapes_nas.model, [], steps=1, learning_rate=1e-5)
+    with pytest.raises(NasquantError, match="no detection head"):
+        distill(nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 1), batches, steps=1, learning_rate=1e-5)
