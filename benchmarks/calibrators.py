@@ -1,6 +1,8 @@
-"""The calibrator race: which activation calibrator, with or without bias correction, loses least mAP?
+"""The calibrator race: which activation calibrator, with or without bias correction and distillation,
+loses least mAP?
 
     .venv/bin/python -m benchmarks.calibrators [--methods max percentile:99.99 ...] [--bias-correction both]
+        [--finetune-steps N] [--append]
 
 On the shapes fixture, for each calibrator (ModelOpt's ``max``, ``percentile`` at a few percentiles,
 ``entropy``, ``mse``) and bias correction off/on (:mod:`nasquant.quant.bias_correction`), over three
@@ -10,13 +12,16 @@ quantize-everything are exported as the pipeline exports them, and validated on 
 set: the CPU flavour on ONNX Runtime (integer kernels, unsigned grids) and on OpenVINO, the TensorRT
 flavour on ONNX Runtime (TensorRT's signed grids; TensorRT itself does not run here). Mean and spread
 over the draws, Δ vs FP32 in mAP points. No timing: a calibrator changes ranges, not kernels.
-Writes ``benchmarks/calibrators.md`` and ``.json``.
+``--finetune-steps`` distils each calibrated model first (:mod:`nasquant.quant.distill`, the recipe's
+``finetune`` defaults otherwise), as the pipeline's ``finetune`` stage does. Writes
+``benchmarks/calibrators.md`` and ``.json``; ``--append`` adds the rows to that record.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import statistics
 import sys
 import tempfile
@@ -31,7 +36,8 @@ from nasquant.eval.validate import validate
 from nasquant.export import export_onnx, write_cpu_flavor
 from nasquant.io import write_json
 from nasquant.quant import calibrate, correct_biases, keep_in_float
-from nasquant.recipe import load_recipe
+from nasquant.quant.distill import distill
+from nasquant.recipe import FinetuneSection, load_recipe
 from nasquant.report.markdown import host_summary
 from nasquant.runtime import OnnxRuntimeBackend
 from nasquant.settings import BOX_BRANCH_LAYERS
@@ -54,6 +60,8 @@ GRAPHS = {
 class Result:
     method: str
     bias_correction: bool
+    finetune_steps: int = 0
+    """Quantization-aware distillation steps before export (0 = none)."""
     draws: dict[str, dict[str, float]] = field(default_factory=dict)
     """draw -> graph -> mAP50-95 (fraction)."""
 
@@ -95,7 +103,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), help="name or percentile:P")
     parser.add_argument("--bias-correction", choices=("off", "on", "both"), default="both")
+    parser.add_argument(
+        "--finetune-steps", type=int, default=0, help="distil each INT8 model this many steps first (0 = no)"
+    )
+    parser.add_argument("--finetune-lr", type=float, default=FinetuneSection().learning_rate)
     parser.add_argument("--output", type=Path, default=HERE / "calibrators")
+    parser.add_argument(
+        "--append", action="store_true", help="add these rows to the record at --output (same FP32, draws)"
+    )
     args = parser.parse_args()
     recipe = load_recipe(RECIPE)
     nas = NAS(recipe.resolve_path(recipe.model.checkpoint)).fuse()
@@ -106,11 +121,12 @@ def main() -> None:
         name: g for name, g in GRAPHS.items() if g[2] != "openvino" or importlib.util.find_spec("openvino")
     }
     corrections = {"off": (False,), "on": (True,), "both": (False, True)}[args.bias_correction]
+    finetune = FinetuneSection()
     with tempfile.TemporaryDirectory(prefix="nasquant-calibrators-") as folder:
         work = Path(folder)
         fp32 = export_onnx(nas.model, work / "model.fp32.onnx", imgsz=spec.imgsz)
         fp32_map = _validate(fp32, "onnxruntime", validation, spec)
-        results = [Result(method, bc) for method in args.methods for bc in corrections]
+        results = [Result(m, bc, args.finetune_steps) for m in args.methods for bc in corrections]
         for draw, count, seed in DRAWS:
             chosen = select_calibration_images(source, num_images=count or len(source), seed=seed or 0)
             batches = [b.images for b in iter_batches(chosen, spec, recipe.calibration.batch_size)]
@@ -123,6 +139,18 @@ def main() -> None:
                     "all": calibrated,
                     "selective": keep_in_float(calibrated, list(BOX_BRANCH_LAYERS))[0],
                 }
+                if args.finetune_steps:
+                    train = [b.images for b in iter_batches(chosen, spec, finetune.batch_size)]
+                    for skip, model in models.items():
+                        models[skip] = distill(
+                            model,
+                            nas.model,
+                            train,
+                            steps=args.finetune_steps,
+                            learning_rate=args.finetune_lr,
+                            seed=finetune.seed,
+                            progress=False,
+                        ).model
                 for result in (r for r in results if r.method == method_text):
                     scores = result.draws.setdefault(draw, {})
                     for skip, model in models.items():
@@ -131,11 +159,10 @@ def main() -> None:
                             if graph_skip == skip:
                                 scores[name] = _validate(files[flavor], runtime, validation, spec)
                     line = ", ".join(f"{n} {100 * (m - fp32_map):+.3f}" for n, m in scores.items())
-                    print(
-                        f"[{draw}] {method_text} bias correction {result.bias_correction}: {line}", flush=True
-                    )
+                    print(f"[{draw}] {_configuration(asdict(result))}: {line}", flush=True)
+    command = "python -m benchmarks.calibrators " + " ".join(sys.argv[1:])
     record = {
-        "command": "python -m benchmarks.calibrators " + " ".join(sys.argv[1:]),
+        "commands": [command],
         "host": host_info(ort_threads=2),
         "recipe": str(RECIPE),
         "fp32_map50_95": fp32_map,
@@ -143,24 +170,46 @@ def main() -> None:
         "graphs": list(graphs),
         "results": [asdict(r) for r in results],
     }
+    if args.append:
+        record = _appended(json.loads(args.output.with_suffix(".json").read_text()), record)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.output.with_suffix(".json"), record)
     args.output.with_suffix(".md").write_text(_markdown(record))
     print(f"wrote {args.output.with_suffix('.md')}")
 
 
+def _appended(previous: dict, new: dict) -> dict:
+    """``previous`` (a record written on this host) with ``new``'s results and command added."""
+    for key in ("fp32_map50_95", "draws", "graphs"):
+        if previous[key] != new[key]:
+            sys.exit(f"cannot append: the record's {key} differs ({previous[key]} vs {new[key]})")
+    return {
+        **previous,
+        "commands": previous["commands"] + new["commands"],
+        "results": previous["results"] + new["results"],
+    }
+
+
+def _configuration(result: dict) -> str:
+    steps = result.get("finetune_steps", 0)
+    distillation = f", distilled {steps} steps" if steps else ""
+    return f"{result['method']}, bias correction {'on' if result['bias_correction'] else 'off'}{distillation}"
+
+
 def _markdown(record: dict) -> str:
     fp32 = record["fp32_map50_95"]
     graphs = record["graphs"]
     lines = [
-        "# Calibrator race: activation calibrators × bias correction, shapes fixture",
+        "# Calibrator race: activation calibrators × bias correction × distillation, shapes fixture",
         "",
         f"Host: {host_summary(record['host'])}. FP32 {100 * fp32:.2f} mAP50-95 (ONNX Runtime, whole validation "
         f"set at 320). Each cell: mean Δ vs FP32 in mAP points over {len(record['draws'])} calibration draws "
-        f"({'; '.join(record['draws'])}), ± the spread (max − min). `{record['command'].strip()}`.",
+        f"({'; '.join(record['draws'])}), ± the spread (max − min). "
+        + "; ".join(f"`{command.strip()}`" for command in record["commands"])
+        + ".",
         "",
-        "| calibrator | bias correction | " + " | ".join(graphs) + " |",
-        "|---|---|" + "---|" * len(graphs),
+        "| calibrator | bias correction | distillation | " + " | ".join(graphs) + " |",
+        "|---|---|---|" + "---|" * len(graphs),
     ]
     for result in record["results"]:
         cells = []
@@ -171,8 +220,7 @@ def _markdown(record: dict) -> str:
             )
         lines.append(
             f"| {result['method']} | {'on' if result['bias_correction'] else 'off'} | "
-            + " | ".join(cells)
-            + " |"
+            f"{result.get('finetune_steps') or 'off'} | " + " | ".join(cells) + " |"
         )
     lines.append("")
     return "\n".join(lines)

@@ -81,7 +81,9 @@ def _check_report(run_dir: Path, variant: str) -> None:
         if name.startswith("TRT") and reason is not None:  # here: the rows are there and say why
             assert row["status"] == f"skipped: {reason}" and row["map50_95"] is None, name
         else:
-            assert row["status"] == "ok" and 0 <= row["map50_95"] <= 1 and row["p50_ms"] > 0, name
+            assert row["status"] == "ok" and 0 <= row["map50_95"] <= 1, name
+            # a TensorRT-flavour file on ONNX Runtime is checked for accuracy, not timed
+            assert (row["p50_ms"] is None) == name.endswith("(trt flavor)"), name
     assert rows["ORT INT8 selective"]["skipped_layers"] == BOX_BRANCH
     assert rows["ORT INT8 all-layers"]["skipped_layers"] == []
     assert report["recipe"]["model"]["variant"] == f"yolo_nas_{variant}"
@@ -90,7 +92,7 @@ def _check_report(run_dir: Path, variant: str) -> None:
     timed = json.loads((run_dir / TIMINGS_NAME).read_text())["stages"]
     evaluated = [f"evaluate {name}" for name in ROWS if not name.startswith("TRT")]
     exports = ["export model.fp32", "export model.int8", "export model.int8-all"]
-    paired = [f"paired {name}" for name in ROWS if name.startswith("ORT INT8")]
+    paired = [f"paired {name}" for name in ROWS if name.startswith("ORT INT8") and "trt flavor" not in name]
     stages = ["load", "calibrate", "select", *exports, *evaluated, *paired, "deploy"]
     assert [stage["stage"] for stage in timed] == stages
     assert all(stage["seconds"] >= 0 and stage["reused"] is False for stage in timed)

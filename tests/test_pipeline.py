@@ -95,12 +95,19 @@ def test_report_rows_follow_the_contract(run_dir: Path) -> None:
         # the same FP32 file at f32 compute: ORT's mAP to float rounding
         assert ov_fp32["map50_95"] == pytest.approx(rows["ORT FP32"]["map50_95"], abs=1e-3)
         assert abs(ov_int8["delta_map50_95"]) < 0.02 and ov_int8["skipped_layers"] == int8_skipped
-        # its speedup is over OpenVINO FP32, timed back to back
-        assert ov_int8["speedup"] == ov_int8["extra"]["speedup_paired"] > 0
+        # the CPU flavour's speedup is over OpenVINO FP32, timed back to back; the TensorRT file is there
+        # for its accuracy only, like its ONNX Runtime row
+        ov_cpu = rows["OpenVINO INT8 selective"]
+        assert ov_cpu["speedup"] == ov_cpu["extra"]["speedup_paired"] > 0
         # the CPU flavour runs on OpenVINO as the IR the run ships (.xml + .bin)
         ir = run_dir / "model.int8.cpu.xml"
         assert rows["OpenVINO INT8 selective"]["size_mb"] == pytest.approx(artifact_size_mb(ir))
         assert rows["OpenVINO INT8 selective"]["size_mb"] > 10 * ir.stat().st_size / 1e6
+    for name in [n for n in rows if n.endswith("(trt flavor)")]:
+        row = rows[name]
+        assert row["map50_95"] > 0 and row["p50_ms"] is None and row["speedup"] is None, name
+        assert "TRT INT8 row" in row["extra"]["untimed"], name
+    assert "not timed, the TensorRT-flavour file" in (run_dir / "report.md").read_text()
 
 
 def test_resume_reuses_finished_stages_and_redoes_changed_ones(run_dir: Path, tmp_path: Path, capsys) -> None:

@@ -43,6 +43,12 @@ def evaluate(ctx: RunContext, loaded: Loaded, artifact: Artifact) -> ReportRow:
                 batch_size=batch,
                 progress=ctx.progress,
             )
+        if artifact.untimed_reason is not None:
+            return {
+                "map50_95": metrics["map50_95"],
+                "map50": metrics["map50"],
+                "extra": {"map75": metrics["map75"], "untimed": artifact.untimed_reason},
+            }
         bench_size = bench.size or loaded.spec.imgsz
         samples = [read_image(p) for p in loaded.val_subset.image_paths[:END_TO_END_IMAGES]]
         with open_artifact(artifact, artifact.bench_path, loaded, threads=bench.threads) as backend:
@@ -70,7 +76,8 @@ def evaluate(ctx: RunContext, loaded: Loaded, artifact: Artifact) -> ReportRow:
         key,
         compute,
         summary=lambda r: (
-            f"mAP50-95 {r['map50_95']:.4f}, p50 {r['p50_ms']:.1f} ms @{r['extra']['bench_imgsz']}px"
+            f"mAP50-95 {r['map50_95']:.4f}, "
+            + (f"p50 {r['p50_ms']:.1f} ms @{r['extra']['bench_imgsz']}px" if r.get("p50_ms") else "not timed")
         ),
     ).result
     if artifact.fp_reason:
@@ -118,7 +125,7 @@ def paired(
     finished = []
     for artifact, row in zip(artifacts, rows, strict=True):
         reference = fp32.get(artifact.backend)
-        if reference is None or artifact is reference or not row.ok:
+        if reference is None or artifact is reference or not row.ok or artifact.untimed_reason is not None:
             finished.append(row)
             continue
         key = stage_key(

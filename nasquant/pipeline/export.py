@@ -58,6 +58,15 @@ class Artifact:
     inference_precision: str | None = None
     """OpenVINO's compute precision (``f32``, or ``bf16`` for its labelled row); None elsewhere."""
 
+    @property
+    def untimed_reason(self) -> str | None:
+        """Why the row has no latency, or None when it is timed. A TensorRT-flavour graph on a CPU
+        runtime is there for its accuracy (the TensorRT file, checked where TensorRT is absent): it
+        computes its integer layers as float Q/DQ round trips there, a latency no deployment sees."""
+        if self.flavor == "trt" and self.backend in ("onnxruntime", "openvino"):
+            return "the TensorRT-flavour file, validated on a CPU runtime; its latency is the TRT INT8 row's"
+        return None
+
 
 @dataclass(frozen=True)
 class Exported:

@@ -188,13 +188,17 @@ def render_markdown(report: dict[str, Any], title: str) -> str:
         lines += [f"- **{_cell(r['name'])}**: {r['status'][len(SKIPPED_PREFIX) :]}" for r in skipped]
         lines.append("")
 
-    notes = [row for row in rows if (row.get("extra") or {}).get("speedup_note")]
+    notes = [
+        f"- **{_cell(r['name'])}**: speedup not computed, {r['extra']['speedup_note']}"
+        for r in rows
+        if (r.get("extra") or {}).get("speedup_note")
+    ] + [
+        f"- **{_cell(r['name'])}**: not timed, {r['extra']['untimed']}"
+        for r in rows
+        if (r.get("extra") or {}).get("untimed")
+    ]
     if notes:
-        lines += ["## Notes", ""]
-        lines += [
-            f"- **{_cell(r['name'])}**: speedup not computed, {r['extra']['speedup_note']}" for r in notes
-        ]
-        lines.append("")
+        lines += ["## Notes", "", *notes, ""]
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
