@@ -24,7 +24,7 @@ QUICK = [
     "benchmark.iterations=3",
     "quantization.quantize_all_baseline=false",
     "openvino.bf16=false",  # the bf16 row is OpenVINO's own compute choice; the backend tests cover it
-    # two more exports and three passes per run; tests/pipeline/test_export_job.py covers it in the pipeline
+    # two more exports and two passes per run; tests/pipeline/test_export_job.py covers it in the pipeline
     "quantization.bias_correction=false",
 ]
 #: the OpenVINO rows, present when the extra is installed (CI installs it)

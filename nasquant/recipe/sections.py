@@ -160,7 +160,7 @@ class FinetuneSection:
 
     enabled: bool = False
     """Run the ``finetune`` stage (minutes on a CPU; the PTQ levers alone are the default)."""
-    steps: int = _constrained(200, ge=1)
+    steps: int = _constrained(100, ge=1)
     """Optimizer steps, one calibration batch each."""
     learning_rate: float = _constrained(1e-5, gt=0, le=1)
     """Adam's initial rate, decayed to 0 on a cosine."""
