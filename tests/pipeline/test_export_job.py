@@ -22,27 +22,16 @@ from nasquant.cuda import tensorrt_unavailable
 from nasquant.errors import NasquantError
 from nasquant.pipeline import run_export
 from nasquant.pipeline.export_job import export_recipe
-from nasquant.recipe import Recipe, load_recipe
+from nasquant.recipe import load_recipe
 from nasquant.settings import BOX_BRANCH_LAYERS, PREDICT_NMS
+from tests.pipeline.recipes import recipe_from_calibration_images
 from tests.shared import shared_path
 
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "shapes_s_int8.yaml"
 
 
-def _from_calib(nms=PREDICT_NMS) -> Recipe:
-    recipe = export_recipe(
-        None,
-        checkpoint=str(shared_path("fixtures", "yolo_nas_s_shapes.pt")),
-        calib=shared_path("data", "shapes", "calib"),
-        imgsz=None,
-        dynamic_batch=False,
-        nms=nms,
-    )
-    return replace(recipe, calibration=replace(recipe.calibration, num_images=16))
-
-
 def test_an_export_recipe_from_calibration_images_keeps_the_box_branch_in_float() -> None:
-    recipe = _from_calib()
+    recipe = recipe_from_calibration_images()
     assert recipe.quantization.skip == list(BOX_BRANCH_LAYERS)
     assert recipe.export.nms and recipe.export.nms_settings == PREDICT_NMS
     assert recipe.validation.data is None and Path(recipe.calibration.data).is_absolute()
@@ -63,7 +52,8 @@ def test_an_export_recipe_from_calibration_images_keeps_the_box_branch_in_float(
 
 def test_onnx_int8_export_writes_end_to_end_flavours_and_reuses_its_stages(tmp_path: Path) -> None:
     lines: list[str] = []
-    result = run_export(_from_calib(), "onnx-int8", output=tmp_path / "run", progress=False, log=lines.append)
+    recipe, output = recipe_from_calibration_images(), tmp_path / "run"
+    result = run_export(recipe, "onnx-int8", output=output, progress=False, log=lines.append)
     assert [p.name for p in result.files] == ["model.int8-nms.trt.onnx", "model.int8-nms.cpu.onnx"]
     for path in result.files:
         graph = onnx.load(str(path), load_external_data=False)
@@ -80,7 +70,7 @@ def test_onnx_int8_export_writes_end_to_end_flavours_and_reuses_its_stages(tmp_p
     assert not (result.run_dir / "model.int8-all.trt.onnx").exists()  # no baseline: nothing compares it
     assert not any("evaluate" in line for line in lines)  # nothing validated or timed
     lines.clear()
-    again = run_export(_from_calib(), "onnx-int8", output=tmp_path / "run", progress=False, log=lines.append)
+    again = run_export(recipe, "onnx-int8", output=output, progress=False, log=lines.append)
     assert again.files == result.files
     assert sum("(reused)" in line for line in lines) >= 3  # calibrate, export model.fp32, model.int8
 
@@ -90,14 +80,24 @@ def test_an_int8_engine_export_without_tensorrt_is_refused_before_calibrating(tm
     if reason is None:
         pytest.skip("TensorRT and a GPU are here: the engine export builds")
     with pytest.raises(NasquantError, match=f"cannot \\({reason}\\).*onnx-int8"):
-        run_export(_from_calib(), "engine", output=tmp_path / "run", progress=False, log=lambda _: None)
+        run_export(
+            recipe_from_calibration_images(),
+            "engine",
+            output=tmp_path / "run",
+            progress=False,
+            log=lambda _: None,
+        )
     assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="OpenVINO is not installed")
 def test_openvino_int8_export_converts_the_cpu_flavour(tmp_path: Path) -> None:
     result = run_export(
-        _from_calib(nms=None), "openvino", output=tmp_path / "run", progress=False, log=lambda _: None
+        recipe_from_calibration_images(nms=None),
+        "openvino",
+        output=tmp_path / "run",
+        progress=False,
+        log=lambda _: None,
     )
     xml, weights = result.files
     assert (xml.name, weights.name) == ("model.int8.cpu.xml", "model.int8.cpu.bin")
@@ -125,7 +125,7 @@ def _conv_biases(path: Path) -> dict[str, np.ndarray]:
 def test_bias_correction_corrects_each_flavour_on_its_own_grids(tmp_path: Path) -> None:
     graphs = {}
     for corrected in (False, True):
-        base = _from_calib(nms=None)
+        base = recipe_from_calibration_images(nms=None)
         recipe = replace(base, quantization=replace(base.quantization, bias_correction=corrected))
         lines: list[str] = []
         result = run_export(

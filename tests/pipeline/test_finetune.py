@@ -14,23 +14,14 @@ from onnx import numpy_helper
 from nasquant.artifacts import finetuned_name
 from nasquant.errors import NasquantError
 from nasquant.pipeline import run_export
-from nasquant.pipeline.export_job import export_recipe
 from nasquant.recipe import FinetuneSection, Recipe
-from tests.shared import shared_path
+from tests.pipeline.recipes import recipe_from_calibration_images
 
 
 def _recipe(**finetune) -> Recipe:
-    recipe = export_recipe(
-        None,
-        checkpoint=str(shared_path("fixtures", "yolo_nas_s_shapes.pt")),
-        calib=shared_path("data", "shapes", "calib"),
-        imgsz=None,
-        dynamic_batch=False,
-        nms=None,
-    )
+    recipe = recipe_from_calibration_images(nms=None, num_images=8)
     return replace(
         recipe,
-        calibration=replace(recipe.calibration, num_images=8),
         quantization=replace(recipe.quantization, bias_correction=False),
         finetune=replace(recipe.finetune, **finetune),
     )
