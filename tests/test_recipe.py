@@ -279,6 +279,8 @@ def test_the_default_name_is_the_file_stem_made_valid(tmp_path: Path) -> None:
         ("input:\n  size: 16384\n", "input.size: must be at most 8192, got 16384"),
         ("benchmark:\n  iterations: 1:30\n", "benchmark.iterations: expected an integer, got '1:30'"),
         ("validation:\n  conf: 0\n", "validation.conf: must be greater than 0, got 0.0"),
+        ("finetune:\n  steps: 0\n", "finetune.steps: must be at least 1, got 0"),
+        ("finetune:\n  device: tpu\n", "finetune.device"),
     ],
 )
 def test_values_are_range_checked_when_read(tmp_path: Path, line: str, expected: str) -> None:
@@ -512,7 +514,7 @@ output: {dir: somewhere, fail_on_drop: 1}
 def test_to_dict_round_trip_is_identity(path: Path | str, tmp_path: Path) -> None:
     recipe = load_recipe(write(tmp_path, CUSTOM) if path == "custom" else path)
     data = recipe.to_dict()
-    assert list(data) == ["name", "model", "input", "calibration", "quantization", "export", "engines", "openvino",
+    assert list(data) == ["name", "model", "input", "calibration", "quantization", "finetune", "export", "engines", "openvino",
                           "validation", "benchmark", "output"]  # fmt: skip
     assert yaml.safe_load(yaml.safe_dump(data)) == data == json.loads(json.dumps(data))
     again = recipe_from_dict(data)
