@@ -87,10 +87,10 @@ def _flavours(model, skip: str, bias_correction: bool, batches, work: Path, imgs
     on its own flavour's grids (the CPU flavour from a graph of the CPU-corrected biases)."""
     trt_model = cpu_model = model
     if bias_correction:
-        trt = correct_biases(model, batches, progress=False)
-        trt_model = trt.model
+        signed = correct_biases(model, batches, progress=False)
+        trt_model = signed.model
         cpu_model = correct_biases(
-            model, batches, unsigned_quantizers=trt.nonnegative_quantizers, progress=False
+            model, batches, unsigned_quantizers=signed.nonnegative_quantizers, progress=False
         ).model
     trt = export_onnx(trt_model, work / f"{skip}.trt.onnx", imgsz=imgsz, simplify=True)
     source = trt

@@ -43,12 +43,9 @@ def evaluate(ctx: RunContext, loaded: Loaded, artifact: Artifact) -> ReportRow:
                 batch_size=batch,
                 progress=ctx.progress,
             )
+        accuracy = {"map50_95": metrics["map50_95"], "map50": metrics["map50"]}
         if artifact.untimed_reason is not None:
-            return {
-                "map50_95": metrics["map50_95"],
-                "map50": metrics["map50"],
-                "extra": {"map75": metrics["map75"], "untimed": artifact.untimed_reason},
-            }
+            return {**accuracy, "extra": {"map75": metrics["map75"], "untimed": artifact.untimed_reason}}
         bench_size = bench.size or loaded.spec.imgsz
         samples = [read_image(p) for p in loaded.val_subset.image_paths[:END_TO_END_IMAGES]]
         with open_artifact(artifact, artifact.bench_path, loaded, threads=bench.threads) as backend:
@@ -64,8 +61,7 @@ def evaluate(ctx: RunContext, loaded: Loaded, artifact: Artifact) -> ReportRow:
             )
         row = timing.row_fields()
         return {
-            "map50_95": metrics["map50_95"],
-            "map50": metrics["map50"],
+            **accuracy,
             **{k: row[k] for k in ("p50_ms", "p90_ms", "images_per_s")},
             "extra": {"map75": metrics["map75"], **row["extra"]},
         }

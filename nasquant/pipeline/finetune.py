@@ -14,17 +14,17 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from nasquant.artifacts import finetuned_name
 from nasquant.data.datasets import iter_batches
 from nasquant.errors import NasquantError
-from nasquant.io import atomic_path
 from nasquant.pipeline.calibrate import Calibrated
 from nasquant.pipeline.context import RunContext, cached_stage, stage_key
 from nasquant.pipeline.load import Loaded
 from nasquant.pipeline.select import Selection
 from nasquant.quant.distill import distill
+from nasquant.quant.state import write_tensors
 from nasquant.runtime.torch_backend import resolve_device
 
 READS = (
@@ -68,7 +68,8 @@ def finetune(ctx: RunContext, loaded: Loaded, calibrated: Calibrated, selection:
                 device=str(device),
                 progress=ctx.progress,
             )
-            _save(distilled.model, paths[stem])
+            state = distilled.model.state_dict()
+            write_tensors(paths[stem], {name: t.detach().cpu().contiguous() for name, t in state.items()})
             tuned[stem] = distilled.model
             result[stem] = {"first_loss": distilled.first_loss, "last_loss": distilled.last_loss}
         return result
@@ -91,15 +92,6 @@ def finetune(ctx: RunContext, loaded: Loaded, calibrated: Calibrated, selection:
         selective=tuned["model.int8"],
         all_layers=tuned.get("model.int8-all", selection.all_layers),
     )
-
-
-def _save(model: torch.nn.Module, path: Path) -> None:
-    state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
-    with atomic_path(path) as tmp:
-        try:
-            save_file(state, str(tmp))
-        except SafetensorError as exc:  # safetensors reports a full disk as its own error type
-            raise OSError(f"cannot write {path}: {exc}") from None
 
 
 def _load(model: torch.nn.Module, path: Path) -> torch.nn.Module:

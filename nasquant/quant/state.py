@@ -24,15 +24,22 @@ def calibration_ranges(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: quantizer.amax.detach().cpu().contiguous() for name, quantizer in tensor_quantizers(model)}
 
 
-def save_calibration(model: nn.Module, path: str | os.PathLike, *, settings: dict[str, str]) -> Path:
-    """Write the calibrated ranges and the settings they came from (``method``, ``per_channel_weights``...)."""
+def write_tensors(
+    path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> Path:
+    """Write ``tensors`` as safetensors (no pickle), atomically."""
     path = Path(path)
     with atomic_path(path) as tmp:
         try:
-            save_file(calibration_ranges(model), str(tmp), metadata={k: str(v) for k, v in settings.items()})
+            save_file(tensors, str(tmp), metadata=metadata)
         except SafetensorError as exc:  # safetensors reports a full disk as its own error type
             raise OSError(f"cannot write {path}: {exc}") from None
     return path
+
+
+def save_calibration(model: nn.Module, path: str | os.PathLike, *, settings: dict[str, str]) -> Path:
+    """Write the calibrated ranges and the settings they came from (``method``, ``per_channel_weights``...)."""
+    return write_tensors(path, calibration_ranges(model), {k: str(v) for k, v in settings.items()})
 
 
 def read_calibration_settings(path: str | os.PathLike) -> dict[str, str]:
