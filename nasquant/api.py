@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import get_args
+from typing import Any, get_args
 
-import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+from tqdm import tqdm
 
 from nasquant.artifacts import (
     DEFAULT_IMGSZ,
@@ -33,16 +34,18 @@ from nasquant.artifacts import (
 )
 from nasquant.data.datasets import load_dataset
 from nasquant.data.preprocess import Preprocess, check_input_size
-from nasquant.data.sources import image_files
+from nasquant.data.sources import count_frames, iter_frames
 from nasquant.detector import Detector
 from nasquant.errors import NasquantError
+from nasquant.eval.metrics import DetectionMetrics
 from nasquant.eval.postprocess import resolve_nms
 from nasquant.eval.validate import validate
 from nasquant.models import YoloNAS
-from nasquant.predict import Prediction, predict
+from nasquant.predict import PredictionWriter, iter_results, next_free_folder
 from nasquant.recipe import Recipe
+from nasquant.results import Results
 from nasquant.runtime import Backend, TorchBackend, check_device, open_backend
-from nasquant.settings import PREDICT_NMS, VAL_NMS, ExportFormat, NMSSettings
+from nasquant.settings import DEFAULT_PREDICT_DIR, PREDICT_NMS, VAL_NMS, ExportFormat, NMSSettings
 from nasquant.weights import Checkpoint
 
 
@@ -220,10 +223,16 @@ class NAS:
             raise NasquantError(f"{self.exported.path}: an exported file runs at its own precision")
         return open_backend(self.exported.path, device=device or self.device, threads=self.threads)
 
-    def info(self, imgsz: int = DEFAULT_IMGSZ) -> dict:
+    def info(self, imgsz: int = DEFAULT_IMGSZ, verbose: bool = True) -> dict:
         """What the model is: variant, classes, input size, preprocessing; for a checkpoint also
         parameters, GFLOPs and conv layers (of the fused form), for an exported file its precision,
-        INT8 flavour and the layers it keeps in floating point."""
+        INT8 flavour and the layers it keeps in floating point. Printed as a table when ``verbose``."""
+        info = self._describe(imgsz)
+        if verbose:
+            print(describe(info))
+        return info
+
+    def _describe(self, imgsz: int) -> dict:
         common = {"source": str(self.source), "variant": self.variant}
         if self.exported is not None:
             metadata = self.exported.metadata
@@ -275,47 +284,108 @@ class NAS:
         iou: float | None = None,
         top_k: int | None = None,
         max_det: int | None = None,
+        multi_label: bool | None = None,
         device: str | None = None,
         progress: bool = True,
-    ) -> dict:
-        """COCO metrics on ``data`` (COCO json/folder or Ultralytics yaml); mAPs are fractions (0.475).
+        verbose: bool = True,
+    ) -> DetectionMetrics:
+        """COCO metrics on ``data`` (COCO json/folder or Ultralytics yaml): ``.box.map``, ``.box.map50``,
+        ``.box.maps``..., fractions (0.475); ``.results_dict`` holds every number. ``verbose`` prints
+        the per-class table.
 
         NMS settings left None are the validation defaults (:data:`~nasquant.settings.VAL_NMS`), or an
         end-to-end graph's built-in ones, which given values must match."""
         dataset = load_dataset(data)
         spec = self.preprocessing(protocol, imgsz)
         with self.backend(device) as backend:
-            nms = resolve_nms(backend, VAL_NMS, conf=conf, iou=iou, top_k=top_k, max_det=max_det)
+            nms = resolve_nms(
+                backend, VAL_NMS, conf=conf, iou=iou, top_k=top_k, max_det=max_det, multi_label=multi_label
+            )
             # A fixed-batch graph runs exactly its batch (the backend pads a short last batch).
             size = backend.batch_size or batch
             metrics = validate(backend, dataset, spec, nms=nms, batch_size=size, progress=progress)
         used = self.exported.protocol(protocol) if self.exported is not None else protocol or "sg"
         metrics.update(model=str(self.source), variant=self.variant, imgsz=spec.imgsz, protocol=used)
-        return metrics
+        result = DetectionMetrics(metrics)
+        if verbose:
+            print(
+                f"{metrics['variant']} on {metrics['dataset']} (imgsz {metrics['imgsz']}, protocol "
+                f"{metrics['protocol']}, {metrics['backend']} {metrics['precision']} {metrics['device']})\n"
+                f"{result.table()}\n"
+                # pycocotools has no value for an area range without ground truth: shown as "n/a".
+                + "  ".join(f"{key}=" + ("n/a" if metrics[key] is None else f"{metrics[key]:.4f}") for key in
+                            ("map50_95", "map50", "map75", "map_small", "map_medium", "map_large"))
+            )  # fmt: skip
+        return result
 
     def predict(
         self,
-        source: str | os.PathLike | np.ndarray | Sequence[str | os.PathLike | np.ndarray],
+        source: Any,
         conf: float | None = None,
         iou: float | None = None,
         imgsz: int | None = None,
         protocol: str | None = None,
         *,
         max_det: int | None = None,
+        multi_label: bool | None = None,
+        agnostic: bool | None = None,
+        stream: bool = False,
+        save: bool = False,
         save_dir: str | os.PathLike | None = None,
+        exist_ok: bool = False,
         device: str | None = None,
         progress: bool = False,
-    ) -> list[Prediction]:
-        """Detections per image (boxes xyxy in original pixels, scores, class ids); optionally saved.
+    ) -> list[Results] | Iterator[Results]:
+        """Detect objects: one :class:`~nasquant.results.Results` per image or video frame.
 
-        NMS settings left None are the predict defaults (:data:`~nasquant.settings.PREDICT_NMS`), or
-        an end-to-end graph's built-in ones, which given values must match."""
-        items = [source] if isinstance(source, np.ndarray | str | os.PathLike) else list(source)
-        sources = [image for item in items for image in _expand(item)]
-        spec = self.preprocessing(protocol, imgsz)
+        ``source``: image/video path, folder, glob, URL, webcam index, numpy array (**BGR**, as
+        ``cv2.imread`` gives), PIL image (RGB), torch tensor (RGB 0-1, CHW or NCHW), or a list of those.
+        ``stream``: a generator (constant memory on videos and streams) instead of a list.
+        NMS settings left None are the predict defaults (:data:`~nasquant.settings.PREDICT_NMS`: one class
+        per box), or an end-to-end graph's built-in ones, which given values must match.
+        ``save`` (or a ``save_dir``): annotated images/videos and ``predictions.json`` in ``save_dir``
+        (default ``runs/predict``), or ``save_dir2``, ``save_dir3``... when it exists, unless ``exist_ok``.
+        """
+        results = self._iter_predictions(
+            source, conf, iou, imgsz, protocol, max_det, multi_label, agnostic, save, save_dir, exist_ok, device,
+            progress,
+        )  # fmt: skip
+        return results if stream else list(results)
+
+    def _iter_predictions(
+        self,
+        source: Any,
+        conf: float | None,
+        iou: float | None,
+        imgsz: int | None,
+        protocol: str | None,
+        max_det: int | None,
+        multi_label: bool | None,
+        agnostic: bool | None,
+        save: bool,
+        save_dir: str | os.PathLike | None,
+        exist_ok: bool,
+        device: str | None,
+        progress: bool,
+    ) -> Iterator[Results]:
+        spec = self.preprocessing(protocol, imgsz)  # bad settings fail before any frame is read
+        folder = None
+        if save or save_dir is not None:
+            folder = next_free_folder(save_dir if save_dir is not None else DEFAULT_PREDICT_DIR, exist_ok)
+        names = dict(enumerate(self.names))
         with self.backend(device) as backend:
-            nms = resolve_nms(backend, PREDICT_NMS, conf=conf, iou=iou, max_det=max_det)
-            return predict(backend, sources, spec, self.names, nms=nms, save_dir=save_dir, progress=progress)
+            nms = resolve_nms(
+                backend, PREDICT_NMS, conf=conf, iou=iou, max_det=max_det, multi_label=multi_label,
+                agnostic=agnostic,
+            )  # fmt: skip
+            frames = tqdm(
+                iter_frames(source), total=count_frames(source), desc="predict", disable=not progress
+            )
+            with frames, PredictionWriter(folder) if folder else contextlib.nullcontext() as writer:
+                for result in iter_results(backend, frames, spec, names, nms=nms):
+                    if writer is not None:
+                        writer.add(result)
+                    yield result
 
     __call__ = predict
 
@@ -423,5 +493,33 @@ def _file_format(path: Path) -> str:
     return "tensorrt" if suffix in ENGINE_SUFFIXES else "openvino" if suffix == IR_SUFFIX else "onnx"
 
 
-def _expand(item: str | os.PathLike | np.ndarray) -> list:
-    return [item] if isinstance(item, np.ndarray) else image_files(item)
+def describe(info: dict) -> str:
+    """:meth:`NAS.info`'s dict as the aligned two-column table it prints."""
+    names = info["names"]
+    shown = ", ".join(names[:10]) + (f", … ({len(names)} total)" if len(names) > 10 else "")
+    rows = [
+        ("source", info["source"]),
+        ("sha256", info["sha256"]),
+        ("format", info["format"]),
+        ("variant", info["variant"]),
+        ("classes", f"{info['num_classes'] or '?'}: {shown or 'no names recorded'}"),
+    ]
+    if info["format"] == "checkpoint":
+        rows += [
+            ("parameters", f"{info['parameters']:,} (fused: {info['parameters_fused']:,})"),
+            (f"GFLOPs @{info['gflops_imgsz']}", f"{info['gflops']:.2f} (fused; 2 FLOPs per multiply-add)"),
+            ("conv layers", f"{info['conv_layers']} (fused)"),
+        ]
+    else:
+        flavor = f" ({info['flavor']} flavour)" if info["flavor"] else ""
+        rows += [
+            ("precision", f"{info['precision'] or 'not recorded'}{flavor}"),
+            ("kept in float", ", ".join(info["fp_layers"]) or "none recorded"),
+            ("file size", f"{info['file_mb']} MB"),
+        ]
+    rows += [
+        ("input size", str(info["input_size"])),
+        ("preprocessing", str(info["preprocessing"] or "not recorded (Deci COCO default)")),
+    ]
+    width = max(len(key) for key, _ in rows)
+    return "\n".join(f"{key:<{width}}  {value}" for key, value in rows)

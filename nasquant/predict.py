@@ -1,158 +1,159 @@
-"""Prediction on images, written once for every backend, plus drawing and saving the results."""
+"""Prediction written once for every backend: frames in, :class:`~nasquant.results.Results` out, and
+the writer that saves annotated images, annotated videos and ``predictions.json``."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import cv2
 import numpy as np
-from tqdm import tqdm
 
-from nasquant.data.preprocess import Preprocess, preprocess, read_image
+from nasquant.data.preprocess import Preprocess, preprocess
+from nasquant.data.sources import Frame
 from nasquant.errors import NasquantError
-from nasquant.eval.postprocess import detect
-from nasquant.io import atomic_path, write_json
+from nasquant.eval.postprocess import from_outputs
+from nasquant.io import write_json
+from nasquant.results import Boxes, Results
 from nasquant.runtime.base import Backend
 from nasquant.settings import PREDICT_NMS, NMSSettings
 
-
-@dataclass
-class Prediction:
-    """Detections for one image, boxes in original-image pixels (x1, y1, x2, y2)."""
-
-    source: str
-    height: int
-    width: int
-    boxes: np.ndarray
-    scores: np.ndarray
-    class_ids: np.ndarray
-    names: Sequence[str]
-
-    def __len__(self) -> int:
-        return len(self.scores)
-
-    def label(self, class_id: int) -> str:
-        """The class's name, or its id where the model records no names."""
-        return self.names[class_id] if 0 <= class_id < len(self.names) else str(class_id)
-
-    def to_dict(self) -> dict:
-        return {
-            "source": self.source,
-            "height": self.height,
-            "width": self.width,
-            "detections": [
-                {
-                    "box": [round(float(v), 2) for v in box],
-                    "score": round(float(score), 5),
-                    "class_id": int(cls),
-                    "class_name": self.label(int(cls)),
-                }
-                for box, score, cls in zip(self.boxes, self.scores, self.class_ids, strict=True)
-            ],
-        }
+#: what ``predict`` writes beside the annotated images: every image's detections
+PREDICTIONS_JSON = "predictions.json"
 
 
-def _images(sources: Sequence[str | os.PathLike | np.ndarray]) -> Iterator[tuple[str, np.ndarray]]:
-    for index, item in enumerate(sources):
-        if isinstance(item, np.ndarray):
-            if item.ndim != 3 or item.shape[2] != 3 or item.dtype != np.uint8:
-                raise NasquantError(
-                    f"array input must be an RGB uint8 HxWx3 image, got {item.dtype} {item.shape}"
-                )
-            yield f"array{index}", item
-        else:
-            yield os.fspath(item), read_image(item)
-
-
-def predict(
+def iter_results(
     backend: Backend,
-    sources: Sequence[str | os.PathLike | np.ndarray],
+    frames: Iterable[Frame],
     spec: Preprocess,
-    names: Sequence[str],
+    names: dict[int, str],
     *,
     nms: NMSSettings = PREDICT_NMS,
-    save_dir: str | os.PathLike | None = None,
-    progress: bool = False,
-) -> list[Prediction]:
-    """Detect objects in each source (image path or RGB array), one image per forward pass.
-
-    With ``save_dir``, also write an annotated JPEG per image and ``predictions.json`` there.
-    """
-    if save_dir is not None:
-        _check_output_folder(Path(save_dir), sources)
-    predictions = []
-    saved_names: set[str] = set()
-    with tqdm(_images(sources), total=len(sources), desc="predict", disable=not progress) as bar:
-        for source, image in bar:
-            tensor, transform = preprocess(image, spec)
-            (detections,) = detect(backend, tensor[None], nms)
-            prediction = Prediction(
-                source=source,
-                height=image.shape[0],
-                width=image.shape[1],
-                boxes=transform.to_original(detections.boxes),
-                scores=detections.scores,
-                class_ids=detections.class_ids,
-                names=names,
-            )
-            predictions.append(prediction)
-            if save_dir is not None:
-                _save_annotated(image, prediction, Path(save_dir), saved_names)
-    if save_dir is not None:
-        write_json(Path(save_dir) / "predictions.json", [p.to_dict() for p in predictions])
-    return predictions
-
-
-def _check_output_folder(out_dir: Path, sources: Sequence[str | os.PathLike | np.ndarray]) -> None:
-    """Outputs land directly in ``out_dir`` (``<stem>.jpg``, ``predictions.json``): a folder that holds
-    a source image would get that image replaced by its annotated re-encode, so it is refused."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise NasquantError(f"output folder {out_dir} is a file")
-    target = out_dir.resolve()
-    for item in sources:
-        if not isinstance(item, np.ndarray) and Path(item).resolve().parent == target:
-            raise NasquantError(
-                f"output folder {out_dir} holds the input {item}: annotated images would replace inputs; "
-                "choose another output folder"
-            )
-
-
-def _save_annotated(image: np.ndarray, prediction: Prediction, out_dir: Path, used: set[str]) -> None:
-    stem = Path(prediction.source).stem
-    name, suffix = stem, 1
-    while name in used:  # two inputs named alike in different folders must not overwrite each other
-        name, suffix = f"{stem}_{suffix}", suffix + 1
-    used.add(name)
-    ok, encoded = cv2.imencode(".jpg", draw(image, prediction))
-    if not ok:
-        raise NasquantError(f"could not encode the annotated image for {prediction.source}")
-    with atomic_path(out_dir / f"{name}.jpg") as tmp:
-        tmp.write_bytes(encoded.tobytes())
-
-
-def _class_colour(class_id: int) -> tuple[int, int, int]:
-    # A fixed golden-ratio hue walk: stable colours per class without a palette table.
-    hue = int((class_id * 0.618033988749895 % 1.0) * 179)
-    bgr = cv2.cvtColor(np.uint8([[[hue, 200, 255]]]), cv2.COLOR_HSV2BGR)[0, 0]
-    return int(bgr[0]), int(bgr[1]), int(bgr[2])
-
-
-def draw(image_rgb: np.ndarray, prediction: Prediction) -> np.ndarray:
-    """Return a BGR copy of the image with boxes and ``name score`` labels drawn on it."""
-    canvas = cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR)
-    thickness = max(1, round(max(canvas.shape[:2]) / 400))
-    for box, score, cls in zip(prediction.boxes, prediction.scores, prediction.class_ids, strict=True):
-        colour = _class_colour(int(cls))
-        x1, y1, x2, y2 = (round(float(v)) for v in box)
-        cv2.rectangle(canvas, (x1, y1), (x2, y2), colour, thickness)
-        label = f"{prediction.label(int(cls))} {score:.2f}"
-        (tw, th), baseline = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, 0.4 * thickness, thickness)
-        top = max(y1 - th - baseline, 0)
-        cv2.rectangle(canvas, (x1, top), (x1 + tw, top + th + baseline), colour, -1)
-        cv2.putText(
-            canvas, label, (x1, top + th), cv2.FONT_HERSHEY_SIMPLEX, 0.4 * thickness, (0, 0, 0), thickness
+) -> Iterator[Results]:
+    """Detect objects in each frame, one image per forward pass, timing each step."""
+    for frame in frames:
+        started = time.perf_counter()
+        tensor, transform = preprocess(cv2.cvtColor(frame.image, cv2.COLOR_BGR2RGB), spec)
+        prepared = time.perf_counter()
+        outputs = backend.run(tensor[None])
+        inferred = time.perf_counter()
+        (detections,) = from_outputs(outputs, nms, end_to_end=backend.end_to_end)
+        data = np.concatenate(
+            [
+                transform.to_original(detections.boxes).astype(np.float32),
+                detections.scores.astype(np.float32)[:, None],
+                detections.class_ids.astype(np.float32)[:, None],
+            ],
+            axis=1,
         )
-    return canvas
+        finished = time.perf_counter()
+        yield Results(
+            orig_img=frame.image,
+            path=frame.path,
+            names=names,
+            boxes=Boxes(data, frame.image.shape[:2]),
+            speed={
+                "preprocess": (prepared - started) * 1e3,
+                "inference": (inferred - prepared) * 1e3,
+                "postprocess": (finished - inferred) * 1e3,
+            },
+            frame=frame.frame,
+        )
+
+
+def next_free_folder(folder: str | os.PathLike, exist_ok: bool = False) -> Path:
+    """``folder`` itself when it is free (or ``exist_ok``), else ``folder2``, ``folder3``...: a new
+    prediction never mixes its files with an earlier one's."""
+    folder = Path(folder)
+    if exist_ok or not folder.exists():
+        return folder
+    number = 2
+    while (candidate := folder.with_name(f"{folder.name}{number}")).exists():
+        number += 1
+    return candidate
+
+
+class PredictionWriter:
+    """Saves results into one folder as they come: ``<stem>.jpg`` per image, ``<stem>.mp4`` per video or
+    stream, and ``predictions.json`` (every image's detections) when closed. Use it as a context manager;
+    a video is renamed into place only when complete."""
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = Path(folder)
+        if self.folder.exists() and not self.folder.is_dir():
+            raise NasquantError(f"output folder {self.folder} is a file")
+        self.records: list[dict] = []
+        self._names: dict[str, str] = {}  # source -> file stem, unique within the folder
+        self._videos: dict[str, tuple[cv2.VideoWriter, Path, Path]] = {}
+
+    def __enter__(self) -> PredictionWriter:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: object, tb: object) -> None:
+        # A consumer leaving a stream=True loop early (GeneratorExit) chose to stop: keep what was made.
+        self.close(complete=exc_type is None or issubclass(exc_type, GeneratorExit))
+
+    def add(self, result: Results) -> None:
+        self._refuse_overwriting(result.path)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        stem = self._stem(result.path)
+        if result.frame is None:
+            result.save(self.folder / f"{stem}.jpg")
+        else:
+            self._video_frame(stem, result)
+        self.records.append(result.to_dict())
+
+    def close(self, complete: bool = True) -> None:
+        for writer, tmp, final in self._videos.values():
+            writer.release()
+            if complete:
+                os.replace(tmp, final)
+            else:
+                tmp.unlink(missing_ok=True)
+        self._videos.clear()
+        if complete and self.records:
+            write_json(self.folder / PREDICTIONS_JSON, self.records)
+
+    def _refuse_overwriting(self, source: str) -> None:
+        # An annotated re-encode written over its own input would destroy the user's image.
+        if Path(source).is_file() and Path(source).resolve().parent == self.folder.resolve():
+            raise NasquantError(
+                f"output folder {self.folder} holds the input {source}: annotated images would replace "
+                "inputs; choose another output folder"
+            )
+
+    def _stem(self, source: str) -> str:
+        if source not in self._names:
+            stem = Path(source).stem or "image"
+            name, number = stem, 1
+            while name in self._names.values():  # inputs named alike in different folders
+                name, number = f"{stem}_{number}", number + 1
+            self._names[source] = name
+        return self._names[source]
+
+    def _video_frame(self, stem: str, result: Results) -> None:
+        if result.path not in self._videos:
+            height, width = result.orig_shape
+            # A temporary name that still ends in .mp4: OpenCV picks the container from the suffix.
+            final = self.folder / f"{stem}.mp4"
+            tmp = self.folder / f".{stem}.part.mp4"
+            fps = _frame_rate(result.path)
+            writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
+            if not writer.isOpened():
+                raise NasquantError(f"cannot write video {final} (OpenCV has no mp4v encoder here)")
+            self._videos[result.path] = (writer, tmp, final)
+        self._videos[result.path][0].write(result.plot())
+
+
+def _frame_rate(source: str) -> float:
+    """The source video's frame rate; 30 for a live stream (reopening a camera would grab it again)."""
+    if source.isdigit() or not Path(source).is_file():
+        return 30.0
+    capture = cv2.VideoCapture(source)
+    try:
+        fps = capture.get(cv2.CAP_PROP_FPS)
+    finally:
+        capture.release()
+    return fps if fps and fps > 0 else 30.0

@@ -42,7 +42,8 @@ class NMSSettings:
     """Post-processing thresholds; the defaults are super-gradients' settings for COCO mAP.
 
     ``multi_label``: every (anchor, class) pair scoring above ``conf`` is a candidate; otherwise
-    only each anchor's best class, kept when it scores at least ``conf``.
+    only each anchor's best class, kept when it scores at least ``conf``. ``agnostic``: NMS across
+    classes (a box suppresses overlapping boxes of any class), not within each class.
     """
 
     conf: float = 0.01
@@ -50,6 +51,7 @@ class NMSSettings:
     top_k: int = 1000
     max_det: int = 300
     multi_label: bool = True
+    agnostic: bool = False
 
     def __post_init__(self) -> None:
         # Checked where the settings are made, so the CLI, the API and recipes refuse the same values.
@@ -65,5 +67,9 @@ class NMSSettings:
 
 #: mAP: super-gradients' validation settings (recipes' ``validation`` section, ``val``)
 VAL_NMS = NMSSettings()
-#: Interactive use (``predict``, end-to-end latency): super-gradients' predict confidence
-PREDICT_NMS = NMSSettings(conf=0.25)
+#: Interactive use (``predict``, end-to-end graphs and latency): super-gradients' predict confidence,
+#: one class per box as Ultralytics' predict (a box labelled twice is noise on a picture)
+PREDICT_NMS = NMSSettings(conf=0.25, multi_label=False)
+
+#: where ``predict`` saves annotated images when asked to save without a folder (``predict2``... after)
+DEFAULT_PREDICT_DIR = "runs/predict"

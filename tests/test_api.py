@@ -26,40 +26,105 @@ def test_facade_exposes_module_names_and_input_size(nas: NAS) -> None:
     assert nas.variant == "yolo_nas_s" and nas.imgsz == 320
 
 
-def test_call_path_and_array_give_the_same_detections(nas: NAS) -> None:
-    image_path = sorted(shared_path("data", "shapes", "val", "images").glob("*.jpg"))[3]
-    (from_path,) = nas(image_path)
-    (from_array,) = nas.predict(read_image(image_path))
-    assert len(from_path) > 0
-    np.testing.assert_array_equal(from_path.boxes, from_array.boxes)
-    np.testing.assert_array_equal(from_path.class_ids, from_array.class_ids)
-    assert from_path.scores.min() >= 0.25  # interactive default confidence
-    assert from_path.boxes[:, 2].max() <= from_path.width and from_path.boxes[:, 3].max() <= from_path.height
+def _shapes_image(index: int = 3) -> Path:
+    return sorted(shared_path("data", "shapes", "val", "images").glob("*.jpg"))[index]
+
+
+def test_the_ultralytics_example_runs_as_written(nas: NAS, capsys) -> None:
+    """``model.info(); results = model.val(data=...); results = model(path)`` as on Ultralytics' page."""
+    model = nas
+    model.info()
+    assert "yolo_nas_s" in capsys.readouterr().out
+    metrics = model.val(data=shared_path("data", "shapes", "val_yolo", "shapes_val.yaml"), progress=False)
+    table = capsys.readouterr().out
+    assert metrics.box.map == metrics.results_dict["map50_95"] == metrics["map50_95"]
+    assert metrics.box.map50 == metrics.results_dict["map50"] and metrics.box.maps.shape == (6,)
+    assert all(f" {name} " in table for name in nas.names) and "mAP50-95" in table
+    assert f"{metrics.box.map:.3f}" in table.splitlines()[2]  # the "all" row
+    assert 0 < metrics.box.mp <= 1 and 0 < metrics.box.mr <= 1
+    results = model(_shapes_image())
+    assert len(results) == 1 and results[0].boxes.xyxy.shape == (len(results[0]), 4)
+
+
+def test_results_match_the_one_class_per_box_postprocessing(nas: NAS) -> None:
+    from dataclasses import replace
+
+    from nasquant.data.preprocess import preprocess
+    from nasquant.eval.postprocess import detect
+    from nasquant.runtime import TorchBackend
+    from nasquant.settings import PREDICT_NMS
+
+    image_path = _shapes_image()
+    (result,) = nas(image_path)
+    tensor, transform = preprocess(read_image(image_path), nas.preprocessing())
+    with TorchBackend(nas.model) as backend:
+        (want,) = detect(backend, tensor[None], PREDICT_NMS)
+    assert not PREDICT_NMS.multi_label and len(want) > 0
+    np.testing.assert_array_equal(result.boxes.xyxy, transform.to_original(want.boxes))
+    np.testing.assert_array_equal(result.boxes.conf, want.scores)
+    np.testing.assert_array_equal(result.boxes.cls, want.class_ids.astype(np.float32))
+    assert result.boxes.conf.min() >= 0.25  # interactive default confidence
+    height, width = result.orig_shape
+    assert result.boxes.xyxy[:, 2].max() <= width and result.boxes.xyxy[:, 3].max() <= height
+    # validation's multi-label NMS, when asked
+    with TorchBackend(nas.model) as backend:
+        (every_class,) = detect(backend, tensor[None], replace(PREDICT_NMS, multi_label=True))
+    multi = nas(image_path, multi_label=True)[0]
+    np.testing.assert_array_equal(multi.boxes.conf, every_class.scores)
+
+
+def test_every_kind_of_image_input_gives_the_same_boxes(nas: NAS) -> None:
+    import cv2
+    import PIL.Image
+
+    image_path = _shapes_image()
+    want = nas(image_path)[0].boxes.data
+    bgr = cv2.imread(str(image_path))
+    rgb_tensor = torch.from_numpy(bgr[..., ::-1].copy()).permute(2, 0, 1).float() / 255
+    inputs = {
+        "cv2 BGR array": bgr,
+        "PIL RGB": PIL.Image.open(image_path),
+        "torch RGB 0-1": rgb_tensor,
+        "str path": str(image_path),
+    }
+    for what, source in inputs.items():
+        (got,) = nas(source)
+        np.testing.assert_array_equal(got.boxes.data, want, err_msg=what)
+        np.testing.assert_array_equal(got.orig_img, bgr, err_msg=what)
+    # a batch tensor and a list of mixed inputs give one result each, in order
+    assert [len(r) for r in nas(torch.stack([rgb_tensor, rgb_tensor]))] == [len(want)] * 2
+    assert [r.path for r in nas([bgr, str(image_path)])] == ["image0", str(image_path)]
 
 
 def test_predict_on_a_folder_returns_one_result_per_image(nas: NAS, tmp_path: Path) -> None:
-    images = sorted(shared_path("data", "shapes", "val", "images").glob("*.jpg"))[:3]
+    images = [_shapes_image(i) for i in range(3)]
     folder = tmp_path / "imgs"
     folder.mkdir()
     for image in images:
         (folder / image.name).write_bytes(image.read_bytes())
     results = nas.predict(folder, conf=0.5, save_dir=tmp_path / "out")
-    assert [Path(r.source).name for r in results] == [i.name for i in images]
-    assert all(r.scores.min(initial=1.0) >= 0.5 for r in results)
+    assert [Path(r.path).name for r in results] == [i.name for i in images]
+    assert all(r.boxes.conf.min(initial=1.0) >= 0.5 for r in results)
     assert len(list((tmp_path / "out").glob("*.jpg"))) == 3
+    # a second run gets its own folder: out2, not a mix of old images and a new predictions.json
+    again = nas.predict(folder, conf=0.5, save_dir=tmp_path / "out", stream=True)
+    assert not isinstance(again, list) and len(list(again)) == 3
+    assert len(json.loads((tmp_path / "out2" / "predictions.json").read_text())) == 3
 
 
 def test_predict_never_writes_over_its_inputs(nas: NAS, tmp_path: Path) -> None:
-    image = sorted(shared_path("data", "shapes", "val", "images").glob("*.jpg"))[0]
-    source = tmp_path / image.name
+    image = _shapes_image(0)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    source = folder / image.name
     source.write_bytes(image.read_bytes())
-    for out in (tmp_path, tmp_path / "."):
+    for out in (folder, folder / "."):
         with pytest.raises(NasquantError, match="holds the input .* annotated images would replace inputs"):
-            nas.predict(source, save_dir=out)
-    assert source.read_bytes() == image.read_bytes() and sorted(tmp_path.iterdir()) == [source]
+            nas.predict(source, save_dir=out, exist_ok=True)
+    assert source.read_bytes() == image.read_bytes() and sorted(folder.iterdir()) == [source]
     (tmp_path / "file").write_text("x")
     with pytest.raises(NasquantError, match="output folder .*file is a file"):
-        nas.predict(source, save_dir=tmp_path / "file")
+        nas.predict(source, save_dir=tmp_path / "file", exist_ok=True)
 
 
 def test_a_state_dict_mismatch_names_the_key(nas: NAS) -> None:
@@ -139,9 +204,9 @@ def test_an_exported_int8_graph_opens_reads_itself_and_predicts(nas: NAS, int8_c
     )
     image = sorted(shared_path("data", "shapes", "val", "images").glob("*.jpg"))[3]
     (int8,), (fp32,) = exported(image), nas(image)
-    assert len(int8) and int8.class_ids[0] == fp32.class_ids[0]
-    corner_gap = np.abs(int8.boxes[0] - fp32.boxes[0]).max()
-    assert corner_gap < 0.05 * max(fp32.height, fp32.width), "the INT8 graph finds the same top shape"
+    assert len(int8) and int8.boxes.cls[0] == fp32.boxes.cls[0]
+    corner_gap = np.abs(int8.boxes.xyxy[0] - fp32.boxes.xyxy[0]).max()
+    assert corner_gap < 0.05 * max(fp32.orig_shape), "the INT8 graph finds the same top shape"
     assert repr(exported) == "NAS(yolo_nas_s, 6 classes, model.int8.cpu.onnx)"
 
 

@@ -33,7 +33,11 @@ def test_val_reproduces_the_fixture_readme_map(
 ) -> None:
     out = tmp_path / "metrics.json"
     model = shared_path("fixtures", checkpoint)
-    code = main(["val", "--model", str(model), "--data", str(shared_path(*data)), "--json", str(out)])
+    # Ultralytics' key=value form and nasquant's flags read the same
+    line = [f"model={model}", f"data={shared_path(*data)}", "imgsz=320", f"json={out}"]
+    if checkpoint.endswith(".safetensors"):
+        line = ["--model", str(model), "--data", str(shared_path(*data)), "--json", str(out)]
+    code = main(["val", *line])
     assert code == 0
     metrics = json.loads(out.read_text())
     assert metrics["num_images"] == 300
@@ -41,17 +45,28 @@ def test_val_reproduces_the_fixture_readme_map(
     assert abs(metrics["map50_95"] - _recorded_fp32_map()) <= 0.005, metrics["map50_95"]
     assert 0.0 <= metrics["map50_95"] <= metrics["map50"] <= 1.0
     assert set(metrics["per_class"]) == {"circle", "square", "triangle", "star", "cross", "ring"}
-    assert f"map50_95={metrics['map50_95']:.4f}" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"map50_95={metrics['map50_95']:.4f}" in printed
+    # Ultralytics' per-class table: the "all" row, then each class with its images and instances
+    header, everything, *rows = printed.splitlines()[1:9]
+    assert header.split() == ["Class", "Images", "Instances", "P", "R", "mAP50", "mAP50-95"]
+    assert everything.split()[:2] == ["all", "300"] and float(everything.split()[-1]) == pytest.approx(
+        metrics["map50_95"], abs=5e-4
+    )
+    assert sorted(row.split()[0] for row in rows) == sorted(metrics["per_class"])
+    assert sum(int(row.split()[2]) for row in rows) == int(everything.split()[2])
 
 
 def test_predict_writes_an_annotated_image_and_json(shapes_pt: Path, tmp_path: Path) -> None:
     coco_image = sorted(shared_path("data", "coco-mini", "val2017").glob("*.jpg"))[0]
     shapes_image = sorted(shared_path("data", "shapes", "val", "images").glob("*.jpg"))[0]
     out = tmp_path / "pred"
-    for image in (coco_image, shapes_image):
+    # a second run never mixes its files with the first's: it gets pred2
+    for image, folder in ((coco_image, out), (shapes_image, tmp_path / "pred2")):
         assert main(["predict", "--model", str(shapes_pt), "--source", str(image), "--out", str(out)]) == 0
-        assert (out / f"{image.stem}.jpg").stat().st_size > 1000
-    records = json.loads((out / "predictions.json").read_text())
+        assert (folder / f"{image.stem}.jpg").stat().st_size > 1000
+        assert len(json.loads((folder / "predictions.json").read_text())) == 1
+    records = json.loads((tmp_path / "pred2" / "predictions.json").read_text())
     assert records[0]["source"] == str(shapes_image)
     assert records[0]["detections"], "the trained fixture finds shapes in a shapes image"
     detection = records[0]["detections"][0]
@@ -101,6 +116,32 @@ def test_bad_inputs_give_one_line_and_exit_code_2(
 
     code = main(["val", "--model", str(shapes_safetensors), "--data", str(tmp_path / "missing.yaml")])
     _assert_one_line_error(code, capsys.readouterr().err, "missing.yaml")
+
+
+def test_ultralytics_key_values_reach_the_command(tmp_path: Path, capsys) -> None:
+    # Refused by the model loader, not by argparse: every key=value became its option.
+    shapes_val = str(shared_path("data", "shapes", "val_yolo", "shapes_val.yaml"))
+    argv = ["val", f"model={tmp_path / 'absent.pt'}", f"data={shapes_val}", "imgsz=320", "conf=0.01"]
+    _assert_one_line_error(main(argv), capsys.readouterr().err, "absent.pt")
+    code = main(["val", f"model={tmp_path / 'absent.pt'}", "datta=y.yaml"])
+    assert code == 2
+    assert capsys.readouterr().err.startswith(
+        "nasquant val: error: unknown argument 'datta=y.yaml'; val takes"
+    )
+
+
+@pytest.mark.parametrize("where", ["after the subcommand", "as a key", "before the subcommand"])
+def test_debug_anywhere_shows_the_traceback(where: str, tmp_path: Path, capsys) -> None:
+    line = ["val", "--model", str(tmp_path / "absent.pt"), "--data", "y.yaml"]
+    argv = {
+        "after the subcommand": [*line, "--debug"],
+        "as a key": [*line, "debug=True"],
+        "before the subcommand": ["--debug", *line],
+    }[where]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback (most recent call last):"), err
+    assert err.splitlines()[-1].startswith("nasquant: error:") and "absent.pt" in err.splitlines()[-1]
 
 
 def test_console_entry_point_exit_code_in_a_real_process(tmp_path: Path) -> None:
@@ -244,7 +285,8 @@ def test_export_nms_gives_predicts_detections_and_the_raw_graphs_map(shapes_pt: 
             assert g["box"] == pytest.approx(w["box"], abs=1e-3)
     data = str(shared_path("data", "shapes", "val", "annotations.json"))
     maps = {}
-    for graph, extra in ((raw, ["--conf", "0.25"]), (end_to_end, [])):  # the e2e graph's built-in conf
+    # the end-to-end graph's built-in conf and one-class-per-box
+    for graph, extra in ((raw, ["--conf", "0.25", "--no-multi-label"]), (end_to_end, [])):
         out = tmp_path / f"{graph.stem}.json"
         assert main(["val", "--model", str(graph), "--data", data, "--json", str(out), *extra]) == 0
         metrics = json.loads(out.read_text())

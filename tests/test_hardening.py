@@ -147,7 +147,7 @@ def _corrupt_stages(tmp: Path) -> list[str]:
 
 def _predict_into_sources(tmp: Path) -> list[str]:
     crafted.png_image(tmp / "photo.png")
-    return ["predict", "--model", _pt(), "--source", str(tmp), "--out", str(tmp)]
+    return ["predict", "--model", _pt(), "--source", str(tmp), "--out", str(tmp), "--exist-ok"]
 
 
 def _onnx(build_file: Callable[[Path], Path], *command: str) -> Case:
@@ -372,7 +372,13 @@ CASES: list[tuple[str, Case, int, str, bool]] = [
         "--dla-core: must be at least 0",
         False,
     ),
-    ("positional-key-value", lambda tmp: ["val", "model=x", "data=y"], 2, "required: --model, --data", False),
+    (
+        "unknown-key-value",
+        lambda tmp: ["val", "model=x", "data=y", "foo=1"],
+        2,
+        "unknown argument 'foo=1'; val takes model, ",
+        False,
+    ),
     # exported files
     (
         "empty-onnx-val",

@@ -190,6 +190,12 @@ def test_alias_unless_a_file_of_that_name_is_beside_the_recipe(tmp_path: Path) -
     assert load_recipe(path).model.checkpoint == "yolo_nas_s"
     (tmp_path / "yolo_nas_s").mkdir()
     assert load_recipe(path).model.checkpoint == str(tmp_path / "yolo_nas_s")
+    # Ultralytics' names are aliases too: the weights file and the sample datasets
+    ultralytics = write(
+        tmp_path, "model:\n  checkpoint: yolo_nas_m.pt\nvalidation:\n  data: coco8.yaml\n", "u.yaml"
+    )
+    recipe = load_recipe(ultralytics)
+    assert (recipe.model.checkpoint, recipe.validation.data) == ("yolo_nas_m.pt", "coco8.yaml")
 
 
 def test_environment_expansion(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

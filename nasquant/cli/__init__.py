@@ -1,7 +1,8 @@
 """``nasquant`` command line: ``info``, ``val``, ``predict``, ``quantize``, ``sensitivity``, ``bench``,
 ``engine``, ``report``.
 
-Bad input exits with code 2 and one line on stderr; ``--debug`` shows the traceback instead.
+Options take ``--flag value`` or Ultralytics' ``key=value`` (:mod:`nasquant.cli.ultralytics_args`). Bad
+input exits with code 2 and one line on stderr; ``--debug``, anywhere on the line, shows the traceback.
 """
 
 from __future__ import annotations

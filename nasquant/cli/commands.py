@@ -24,36 +24,7 @@ def _load(args: argparse.Namespace, *, fuse: bool = True):
 
 
 def _cmd_info(args: argparse.Namespace) -> None:
-    info = _load(args, fuse=False).info(imgsz=args.imgsz)
-    names = info["names"]
-    shown = ", ".join(names[:10]) + (f", … ({len(names)} total)" if len(names) > 10 else "")
-    rows = [
-        ("source", info["source"]),
-        ("sha256", info["sha256"]),
-        ("format", info["format"]),
-        ("variant", info["variant"]),
-        ("classes", f"{info['num_classes'] or '?'}: {shown or 'no names recorded'}"),
-    ]
-    if info["format"] == "checkpoint":
-        rows += [
-            ("parameters", f"{info['parameters']:,} (fused: {info['parameters_fused']:,})"),
-            (f"GFLOPs @{info['gflops_imgsz']}", f"{info['gflops']:.2f} (fused; 2 FLOPs per multiply-add)"),
-            ("conv layers", f"{info['conv_layers']} (fused)"),
-        ]
-    else:
-        flavor = f" ({info['flavor']} flavour)" if info["flavor"] else ""
-        rows += [
-            ("precision", f"{info['precision'] or 'not recorded'}{flavor}"),
-            ("kept in float", ", ".join(info["fp_layers"]) or "none recorded"),
-            ("file size", f"{info['file_mb']} MB"),
-        ]
-    rows += [
-        ("input size", str(info["input_size"])),
-        ("preprocessing", str(info["preprocessing"] or "not recorded (Deci COCO default)")),
-    ]
-    width = max(len(key) for key, _ in rows)
-    for key, value in rows:
-        print(f"{key:<{width}}  {value}")
+    info = _load(args, fuse=False).info(imgsz=args.imgsz, verbose=True)
     if args.json:
         write_json(args.json, info)
 
@@ -61,45 +32,33 @@ def _cmd_info(args: argparse.Namespace) -> None:
 def _cmd_val(args: argparse.Namespace) -> None:
     metrics = _load(args).val(
         args.data, imgsz=args.imgsz, protocol=args.protocol, batch=args.batch, conf=args.conf, iou=args.iou,
-        top_k=args.top_k, max_det=args.max_det,
+        top_k=args.top_k, max_det=args.max_det, multi_label=args.multi_label, verbose=True,
     )  # fmt: skip
-    print(
-        f"{metrics['variant']} on {metrics['dataset']} ({metrics['num_images']} images, imgsz {metrics['imgsz']}, "
-        f"protocol {metrics['protocol']}, {metrics['backend']} {metrics['precision']} {metrics['device']})"
-    )
-    summary = ["map50_95", "map50", "map75", "map_small", "map_medium", "map_large"]
-    # pycocotools has no value for an area range without ground truth: shown as "n/a".
-    print(
-        "  ".join(f"{key}=" + ("n/a" if metrics[key] is None else f"{metrics[key]:.4f}") for key in summary)
-    )
-    per_class = {name: ap for name, ap in metrics["per_class"].items() if ap is not None}
-    if per_class:
-        width = max(len(name) for name in per_class)
-        for name, ap in per_class.items():
-            print(f"  {name:<{width}}  AP50-95 {ap:.4f}")
     if args.json:
-        print(f"metrics written to {write_json(args.json, metrics)}")
+        print(f"metrics written to {write_json(args.json, metrics.results_dict)}")
 
 
 def _cmd_predict(args: argparse.Namespace) -> None:
-    nas = _load(args)
-    predictions = nas.predict(
+    from nasquant.predict import next_free_folder
+
+    folder = next_free_folder(args.out, args.exist_ok)
+    results = _load(args).predict(
         args.source,
         conf=args.conf,
         iou=args.iou,
         imgsz=args.imgsz,
         protocol=args.protocol,
         max_det=args.max_det,
-        save_dir=args.out,
-        progress=True,
-    )
-    for prediction in predictions:
-        counts: dict[str, int] = {}
-        for cls in prediction.class_ids:
-            counts[prediction.names[int(cls)]] = counts.get(prediction.names[int(cls)], 0) + 1
-        found = ", ".join(f"{n} {name}" for name, n in counts.items()) or "nothing"
-        print(f"{prediction.source}: {found}")
-    print(f"annotated images and predictions.json written to {args.out}")
+        agnostic=args.agnostic or None,
+        multi_label=args.multi_label,
+        save_dir=folder,
+        exist_ok=True,
+        stream=True,
+    )  # no progress bar: the line per image printed below is the progress
+    for result in results:
+        frame = "" if result.frame is None else f" frame {result.frame}"
+        print(f"{result.path}{frame}: {result.verbose()}")
+    print(f"annotated images and predictions.json written to {folder}")
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -109,7 +68,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     given = {
         name: getattr(args, name)
-        for name in ("conf", "iou", "top_k", "max_det")
+        for name in ("conf", "iou", "top_k", "max_det", "multi_label")
         if getattr(args, name) is not None
     }
     if given and not args.nms:

@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Sequence
 from typing import Any, get_args
 
 from nasquant._version import __version__
+from nasquant.cli.ultralytics_args import SYNONYMS, translate_key_values
 from nasquant.errors import NasquantError
 from nasquant.recipe import (
     BenchmarkSection,
@@ -17,7 +19,7 @@ from nasquant.recipe import (
     ValidationSection,
     check_value,
 )
-from nasquant.settings import PREDICT_NMS, VAL_NMS, ExportFormat, NMSSettings
+from nasquant.settings import DEFAULT_PREDICT_DIR, PREDICT_NMS, VAL_NMS, ExportFormat, NMSSettings
 
 
 class _Parser(argparse.ArgumentParser):
@@ -26,6 +28,17 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _CommandLine(_Parser):
+    """The top-level parser: reads Ultralytics-style ``key=value`` arguments as the options they name.
+    The subcommands' parsers are plain ``_Parser``: the line is rewritten once, here."""
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        words = sys.argv[1:] if args is None else args
+        return super().parse_known_args(translate_key_values(self, words), namespace)
 
 
 def _checked(section: type, name: str, parse: Callable[[str], Any] = int) -> Callable[[str], Any]:
@@ -42,6 +55,7 @@ def _checked(section: type, name: str, parse: Callable[[str], Any] = int) -> Cal
     return convert
 
 
+_DEBUG_HELP = "show full tracebacks for errors"
 _SIZE = _checked(InputSection, "size")
 _CONF = _checked(ValidationSection, "conf", float)
 _IOU = _checked(ValidationSection, "iou", float)
@@ -94,6 +108,13 @@ def _add_nms_arguments(
         default=None,
         help=f"detections kept per image (default {defaults.max_det}{built_in})",
     )
+    parser.add_argument(
+        "--multi-label",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="every class above --conf is a candidate (--no-multi-label: one class per box; default "
+        f"{'on' if defaults.multi_label else 'off'}{built_in})",
+    )
 
 
 def _add_preprocess_arguments(parser: argparse.ArgumentParser) -> None:
@@ -110,10 +131,19 @@ def _add_preprocess_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="nasquant", description="YOLO-NAS validation, prediction and INT8 deployment.")
+    synonyms = ", ".join(f"{key} means {flag}" for key, flag in SYNONYMS.items())
+    parser = _CommandLine(
+        prog="nasquant",
+        description="YOLO-NAS validation, prediction and INT8 deployment.",
+        epilog="Options also take the Ultralytics form key=value, mixed freely with --flags: "
+        "'nasquant val model=yolo_nas_s.pt data=coco.yaml imgsz=640 max_det=300' is "
+        "'nasquant val --model yolo_nas_s.pt --data coco.yaml --imgsz 640 --max-det 300'. "
+        f"Switches take True or False (nms=True); of Ultralytics' names, {synonyms}. "
+        "--debug may come anywhere on the line.",
+    )
     parser.add_argument("--version", action="version", version=f"nasquant {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     info = commands.add_parser(
         "info", help="describe a model: variant, classes, input; params/GFLOPs or precision/float layers"
@@ -138,8 +168,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = commands.add_parser("predict", help="detect objects; writes annotated images and a JSON")
     _add_model_arguments(predict)
-    predict.add_argument("--source", required=True, help="image file, folder or glob pattern")
-    predict.add_argument("--out", default="runs/predict", help="output folder (default runs/predict)")
+    predict.add_argument(
+        "--source",
+        required=True,
+        help="image or video file, folder, glob, image URL, stream URL or webcam index (0)",
+    )
+    predict.add_argument(
+        "--out",
+        "--output",
+        default=DEFAULT_PREDICT_DIR,
+        help=f"output folder (default {DEFAULT_PREDICT_DIR}); an existing one gets a sibling: predict2, predict3...",
+    )
+    predict.add_argument("--exist-ok", action="store_true", help="write into --out even when it exists")
+    predict.add_argument("--agnostic", action="store_true", help="class-agnostic NMS (across classes)")
     _add_preprocess_arguments(predict)
     _add_nms_arguments(predict, PREDICT_NMS, top_k=False)
 
@@ -252,7 +293,21 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="POINTS",
         help="exit 1 when an INT8 row of any run loses more than POINTS mAP50-95 points vs FP32",
     )
+    _accept_debug_everywhere(parser)
     return parser
+
+
+def _accept_debug_everywhere(parser: argparse.ArgumentParser) -> None:
+    """``--debug`` after the subcommand too (``nasquant val ... --debug``). Its default is SUPPRESS
+    there: argparse copies a subcommand's defaults over the top level's, which would reset
+    ``nasquant --debug val ...`` to False."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                command.add_argument(
+                    "--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP
+                )
+                _accept_debug_everywhere(command)
 
 
 def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from nasquant.data.coco_format import find_coco_json, from_coco_json
 from nasquant.data.detection import DEFAULT_WORKERS, Batch, DetectionDataset
+from nasquant.data.hub_datasets import fetch_known_dataset, known_dataset
 from nasquant.data.preprocess import ImageTransform, Preprocess, preprocess, read_image
 from nasquant.data.sources import IMAGE_SUFFIXES, image_files
 from nasquant.data.yolo_format import from_yolo_yaml
@@ -41,12 +42,18 @@ def load_dataset(
     - ``yolo``: an Ultralytics data YAML, read at ``split``;
     - ``images``: a folder of images (or one with an ``images/`` subfolder): unlabeled, for calibration.
 
+    A name from :data:`~nasquant.data.hub_datasets.KNOWN_DATASETS` (``coco8.yaml``, ``coco128.yaml``)
+    that is not a local file is Ultralytics' dataset of that name, downloaded into the cache on first use.
+
     Every image a COCO json lists is evaluated, including those without annotations, as pycocotools
     does (super-gradients' COCO dataset skips them: 4952 of COCO's 5000 val images remain there).
     """
     if kind not in DATASET_KINDS:
         raise NasquantError(f"unknown dataset format {kind!r}; expected one of {', '.join(DATASET_KINDS)}")
     source = Path(path)
+    if not source.exists() and known_dataset(path) is not None:
+        # Ultralytics' docs say data="coco8.yaml"; with no such local file, that is its sample dataset.
+        source = fetch_known_dataset(os.fspath(path))
     if not source.exists():
         raise NasquantError(f"dataset not found: {source}")
     if images is not None and not (source.suffix.lower() == ".json" or source.is_dir()):

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import cv2
 import numpy as np
 
 from nasquant.artifacts import MAX_INPUT_SIZE, MAX_STRIDE
+from nasquant.data.sources import read_image_bgr
 from nasquant.errors import NasquantError
 
 PROTOCOLS = ("sg", "letterbox")
@@ -157,10 +157,4 @@ def preprocess(image_rgb: np.ndarray, spec: Preprocess) -> tuple[np.ndarray, Ima
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """Read an image file as RGB uint8 HxWx3 (OpenCV decoding, EXIF orientation applied)."""
-    path = Path(path)
-    if not path.is_file():
-        raise NasquantError(f"image not found: {path}")
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:
-        raise NasquantError(f"cannot decode image {path} (corrupt or unsupported format)")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    return cv2.cvtColor(read_image_bgr(path), cv2.COLOR_BGR2RGB)

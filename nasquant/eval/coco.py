@@ -58,7 +58,8 @@ def evaluate_coco(gt: dict, results: list[dict], class_names: Sequence[str] | No
 
     Keys: the 12 ``stats`` (:data:`STAT_NAMES`; ``None`` where pycocotools reports -1 because no
     ground truth falls in that area range), ``per_class`` (name -> AP@[.5:.95], ``None`` for a
-    class without ground truth), ``num_images`` and ``num_detections``. ``class_names`` are listed
+    class without ground truth), ``classes`` (name -> ``images``, ``instances``, ``precision``,
+    ``recall``, ``ap50``, ``ap50_95``: :func:`_class_table`), ``num_images`` and ``num_detections``. ``class_names`` are listed
     in ascending category id (the dataset's contiguous order); by default the json's own names.
     """
     categories = sorted(gt["categories"], key=lambda c: int(c["id"]))
@@ -80,6 +81,7 @@ def evaluate_coco(gt: dict, results: list[dict], class_names: Sequence[str] | No
         evaluator.summarize()
     metrics: dict = {name: _fraction(value) for name, value in zip(STAT_NAMES, evaluator.stats, strict=True)}
     metrics["per_class"] = _per_class_ap(evaluator, names)
+    metrics["classes"] = _class_table(evaluator, gt, categories, names)
     metrics["num_images"] = len(evaluator.params.imgIds)
     metrics["num_detections"] = len(results)
     return metrics
@@ -114,3 +116,45 @@ def _per_class_ap(evaluator: COCOeval, names: Sequence[str]) -> dict[str, float 
         values = values[values > -1]
         per_class[name] = float(values.mean()) if values.size else None
     return per_class
+
+
+def _class_table(
+    evaluator: COCOeval, gt: dict, categories: Sequence[dict], names: Sequence[str]
+) -> dict[str, dict]:
+    """Per class: images and (non-crowd) instances in the ground truth, AP50, AP50-95, and precision /
+    recall at the class's best-F1 point of its IoU-0.5 precision-recall curve (COCOeval's 101 recall
+    points, all areas, 100 detections). Ultralytics reports P/R at one confidence shared by all
+    classes, so its numbers differ a little; the APs are pycocotools' own. ``None`` without ground truth.
+    """
+    precision = evaluator.eval["precision"]
+    area_all = evaluator.params.areaRngLbl.index("all")
+    max_dets_100 = evaluator.params.maxDets.index(100)
+    iou_50 = int(np.argmin(np.abs(evaluator.params.iouThrs - 0.5)))
+    recall_points = np.asarray(evaluator.params.recThrs)
+    images: dict[int, set[int]] = {}
+    instances: dict[int, int] = {}
+    for annotation in gt["annotations"]:
+        if annotation.get("iscrowd", 0):
+            continue
+        category = int(annotation["category_id"])
+        images.setdefault(category, set()).add(int(annotation["image_id"]))
+        instances[category] = instances.get(category, 0) + 1
+    table: dict[str, dict] = {}
+    for k, (category, name) in enumerate(zip(categories, names, strict=True)):
+        curve = precision[iou_50, :, k, area_all, max_dets_100]
+        if curve.max(initial=-1) < 0:  # no ground truth: COCOeval leaves -1
+            table[name] = {"images": 0, "instances": 0, "precision": None, "recall": None, "ap50": None,
+                           "ap50_95": None}  # fmt: skip
+            continue
+        f1 = 2 * curve * recall_points / np.maximum(curve + recall_points, 1e-12)
+        best = int(np.argmax(f1))
+        all_ious = precision[:, :, k, area_all, max_dets_100]
+        table[name] = {
+            "images": len(images.get(int(category["id"]), ())),
+            "instances": instances.get(int(category["id"]), 0),
+            "precision": float(curve[best]) if f1[best] > 0 else 0.0,
+            "recall": float(recall_points[best]) if f1[best] > 0 else 0.0,
+            "ap50": float(curve[curve > -1].mean()),
+            "ap50_95": float(all_ious[all_ious > -1].mean()),
+        }
+    return table

@@ -102,7 +102,9 @@ def resolve_nms(backend: Backend, defaults: NMSSettings, **asked: float | int | 
     differing = {name: value for name, value in given.items() if getattr(built, name) != value}
     if differing:
         have = ", ".join(
-            f"{f.name}={getattr(built, f.name)}" for f in fields(built) if f.name != "multi_label"
+            f"{f.name}={getattr(built, f.name)}"
+            for f in fields(built)
+            if f.name not in ("multi_label", "agnostic")
         )
         want = ", ".join(f"{name}={value}" for name, value in differing.items())
         raise NasquantError(
@@ -133,7 +135,8 @@ def _postprocess_image(boxes: np.ndarray, scores: np.ndarray, settings: NMSSetti
         anchors = candidates[_top_k(best_scores[candidates], settings.top_k)]
         classes, cand_scores = best[anchors], best_scores[anchors]
     cand_boxes = boxes[anchors]
-    keep = _greedy_nms(cand_boxes, classes, settings.iou, settings.max_det)
+    groups = np.zeros_like(classes) if settings.agnostic else classes
+    keep = _greedy_nms(cand_boxes, groups, settings.iou, settings.max_det)
     return Detections(
         boxes=cand_boxes[keep],
         scores=cand_scores[keep],

@@ -6,9 +6,10 @@ one file runs on ONNX Runtime, OpenVINO and TensorRT: TensorRT's ONNX parser tur
 library to ship, where the ``EfficientNMS_TRT`` plugin node would run on TensorRT alone. The outputs
 follow EfficientNMS's convention all the same (:data:`~nasquant.artifacts.END_TO_END_OUTPUT_NAMES`).
 
-It computes what :func:`nasquant.eval.postprocess.postprocess` computes (multi-label): the ``top_k``
-best (anchor, class) pairs above ``conf``, NMS within each class at ``iou``, the ``max_det`` best
-survivors per image, best first. Ties between equal scores may be broken in another order.
+It computes what :func:`nasquant.eval.postprocess.postprocess` computes: the ``top_k`` best (anchor,
+class) pairs above ``conf`` (with ``multi_label`` false, only each anchor's best class), NMS within
+each class at ``iou``, the ``max_det`` best survivors per image, best first. Ties between equal
+scores may be broken in another order.
 """
 
 from __future__ import annotations
@@ -35,10 +36,10 @@ def append_nms(model: onnx.ModelProto, settings: NMSSettings) -> onnx.ModelProto
     ``num_dets`` (N, 1) int32, ``det_boxes`` (N, K, 4), ``det_scores`` (N, K), ``det_classes`` (N, K)
     int32 with K = ``settings.max_det``; rows past ``num_dets`` are zero. The settings are recorded
     under :data:`~nasquant.artifacts.KEY_NMS`."""
-    if not settings.multi_label:
+    if settings.agnostic:
         raise NasquantError(
-            "end-to-end export builds multi-label NMS (every class above conf, the default); "
-            "multi_label=false is only available in nasquant's own post-processing"
+            "end-to-end graphs apply NMS within each class; class-agnostic NMS is only available in "
+            "nasquant's own post-processing (NAS.predict(agnostic=True))"
         )
     outputs = {value.name: value for value in model.graph.output}
     if set(outputs) != set(OUTPUT_NAMES):
@@ -66,6 +67,7 @@ def append_nms(model: onnx.ModelProto, settings: NMSSettings) -> onnx.ModelProto
         "box_sides": np.array([1, 1, 4], np.int64),
         "zero_int": np.array(0, np.int32),
         "zero_float": np.array(0, np.float32),
+        "one": np.array([1], np.int64),
     }
     graph.initializer.extend(
         numpy_helper.from_array(value, _PREFIX + name) for name, value in constants.items()
@@ -78,9 +80,16 @@ def append_nms(model: onnx.ModelProto, settings: NMSSettings) -> onnx.ModelProto
         graph.node.append(helper.make_node(op, names, outs, name=outs[0], **attributes))
         return outs[0]
 
+    scores = "scores"
+    if not settings.multi_label:
+        # 0. One class per anchor: every score but the anchor's best is zeroed, so the pairs below are
+        #    postprocess's single-label candidates (TopK, not ReduceMax, whose axes moved in opset 18).
+        anchor_best = _PREFIX + "anchor_best"
+        node("TopK", ["scores", "one"], [anchor_best, _PREFIX + "anchor_best_index"], axis=-1)
+        scores = node("Where", [node("Equal", ["scores", anchor_best]), "scores", "zero_float"])
     # 1. The top_k best (anchor, class) pairs; the rest are zeroed. TopK puts the lower index first
     #    among equal scores: the (anchor, class) order postprocess's candidate sort keeps.
-    flat = node("Reshape", ["scores", "flat_shape"])
+    flat = node("Reshape", [scores, "flat_shape"])
     best, best_index = (_PREFIX + name for name in ("best", "best_index"))
     node("TopK", [flat, "top_k"], [best, best_index], axis=-1, largest=1, sorted=1)
     zeros = node("Mul", [flat, "zero_float"])

@@ -10,7 +10,7 @@ import os
 import re
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import yaml
 
@@ -202,12 +202,19 @@ class ExportSection:
     """End-to-end graphs: (anchor, class) candidates kept before NMS."""
     nms_max_det: int = _constrained(PREDICT_NMS.max_det, ge=1)
     """End-to-end graphs: detections per image (K of the ``det_*`` outputs)."""
+    nms_multi_label: bool = PREDICT_NMS.multi_label
+    """End-to-end graphs: every class above ``nms_conf`` is a candidate (mAP's way); false keeps only
+    each anchor's best class, one label per box."""
 
     @property
     def nms_settings(self) -> NMSSettings:
         """The end-to-end graphs' NMS settings."""
         return NMSSettings(
-            conf=self.nms_conf, iou=self.nms_iou, top_k=self.nms_top_k, max_det=self.nms_max_det
+            conf=self.nms_conf,
+            iou=self.nms_iou,
+            top_k=self.nms_top_k,
+            max_det=self.nms_max_det,
+            multi_label=self.nms_multi_label,
         )
 
 
@@ -411,11 +418,19 @@ def _resolve_path(value: str, base: Path) -> str:
     expanded = os.path.expanduser(value)
     if os.path.isabs(expanded):
         return os.path.normpath(expanded)
-    # An alias names a download, unless a file by that name sits right there (the same rule as
-    # nasquant.weights.hub: an existing path wins over an alias).
-    if value.lower().replace("-", "_") in get_args(Variant) and not (base / value).exists():
+    # An alias (yolo_nas_s, yolo_nas_s.pt, coco8.yaml) names a download, unless a file by that name sits
+    # right there (the rule nasquant.weights.hub and nasquant.data.hub_datasets apply: a path wins).
+    if not (base / value).exists() and _names_a_download(value):
         return value
     return os.path.normpath(base / expanded)
+
+
+def _names_a_download(value: str) -> bool:
+    # Imported here: the hub modules load torch, which reading a recipe for --help must not.
+    from nasquant.data.hub_datasets import known_dataset
+    from nasquant.weights.hub import checkpoint_alias
+
+    return checkpoint_alias(value) is not None or known_dataset(value) is not None
 
 
 def _yaml_fields(cls: type) -> list[dataclasses.Field]:

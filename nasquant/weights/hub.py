@@ -1,8 +1,10 @@
-"""Turn what the user typed (a path, a folder, a URL or ``yolo_nas_s|m|l``) into one local file.
+"""Turn what the user typed (a path, a folder, a URL, ``yolo_nas_s|m|l`` or Ultralytics' file name
+``yolo_nas_s|m|l.pt``) into one local file.
 
 Downloads go to a cache (``$NASQUANT_CACHE``, default ``~/.cache/nasquant``) through
 ``urllib.request`` only, streamed to a temporary ``.part`` file that is renamed into place when
 complete, so an interrupted or failed download never leaves a file under the final name.
+:func:`download` is also the downloader of :mod:`nasquant.data.hub_datasets`.
 """
 
 from __future__ import annotations
@@ -49,8 +51,8 @@ TIMEOUT_S = 30
 _CHUNK = 1 << 20
 
 
-class _MirrorFailed(Exception):
-    """One URL did not give us the file; the reason ends up in the combined error."""
+class DownloadFailed(Exception):
+    """One URL did not give us the file; callers put the reason (the text) in their own one-line error."""
 
 
 def cache_dir_default() -> Path:
@@ -59,17 +61,29 @@ def cache_dir_default() -> Path:
     return Path(override).expanduser() if override else Path.home() / ".cache" / "nasquant"
 
 
-def mirrors_for(alias: str) -> tuple[str, ...]:
-    """The URLs tried, in order, for ``yolo_nas_s|m|l``.
+def mirrored(url: str) -> str:
+    """``url`` itself, or its file name on ``$NASQUANT_MIRROR`` when that is set.
 
     ``$NASQUANT_MIRROR`` (a base URL, e.g. an internal server for offline sites) replaces the
-    public hosts; it must serve the same file names.
+    public hosts of everything nasquant downloads; it must serve the same file names.
     """
     base = os.environ.get("NASQUANT_MIRROR")
-    urls = MIRRORS[alias]
-    if base:
-        return tuple(f"{base.rstrip('/')}/{_url_file_name(url)}" for url in urls)
-    return urls
+    return f"{base.rstrip('/')}/{_url_file_name(url)}" if base else url
+
+
+def mirrors_for(alias: str) -> tuple[str, ...]:
+    """The URLs tried, in order, for ``yolo_nas_s|m|l`` (see :func:`mirrored`)."""
+    return tuple(mirrored(url) for url in MIRRORS[alias])
+
+
+def checkpoint_alias(text: str) -> str | None:
+    """The alias ``text`` names (``yolo_nas_s``, ``YOLO-NAS-S``, or ``yolo_nas_s.pt``), else None.
+
+    Ultralytics' YOLO-NAS page says ``NAS("yolo_nas_s.pt")`` and downloads that file on first use, so
+    the file name is an alias too; callers check for a local file of that name first.
+    """
+    name = text.strip().lower().replace("-", "_").removesuffix(".pt")
+    return name if name in MIRRORS else None
 
 
 def file_sha256(path: Path) -> str:
@@ -116,12 +130,12 @@ def resolve_source(
                 f"cannot tell a file name from the URL {text}; download it and pass its local path"
             )
         return _fetch(text, (text,), cache, pinned, progress)
-    alias = text.strip().lower().replace("-", "_") if isinstance(source, str) else ""
-    if alias in MIRRORS:
+    alias = checkpoint_alias(text) if isinstance(source, str) else None
+    if alias is not None:
         return _fetch(alias, mirrors_for(alias), cache, pinned, progress)
     raise NasquantError(
         f"no such checkpoint file: {text} (expected a .pt/.pth/.safetensors file, a folder holding one, "
-        f"a URL, or one of {', '.join(MIRRORS)})"
+        f"a URL, or an alias: {', '.join(MIRRORS)}, with or without .pt)"
     )
 
 
@@ -147,15 +161,29 @@ def _fetch(what: str, urls: tuple[str, ...], cache: Path, pinned: str | None, pr
             return cached
     failures = []
     for url in urls:
+        dest = cache / _url_file_name(url)
         try:
-            return _download(url, cache / _url_file_name(url), pinned, progress)
-        except _MirrorFailed as exc:
+            digest = download(url, dest, sha256=pinned, progress=progress)
+        except DownloadFailed as exc:
             failures.append(f"{url} ({exc})")
+            continue
+        if not pinned:
+            _announce(url, dest, digest)
+        return dest
     targets = " or ".join(str(cache / _url_file_name(url)) for url in urls)
     raise NasquantError(
         f"could not download {what}: {'; '.join(failures)}. Fetch the file by hand and put it at {targets}, "
         "or pass its local path"
     )
+
+
+def _announce(url: str, dest: Path, digest: str) -> None:
+    """One stderr line with the new file's sha256, so the user learns what to pin."""
+    known_sha = KNOWN_FILES.get(url, (None, None))[1]
+    note = ""
+    if known_sha and digest != known_sha:
+        note = f"; differs from the recorded, unverified sha256 {known_sha}"
+    print(f"nasquant: downloaded {url} to {dest} (sha256 {digest}{note})", file=sys.stderr)
 
 
 def _cached_copy_is_good(url: str, path: Path, pinned: str | None) -> bool:
@@ -165,35 +193,36 @@ def _cached_copy_is_good(url: str, path: Path, pinned: str | None) -> bool:
     return pinned is None or file_sha256(path) == pinned
 
 
-def _download(url: str, dest: Path, pinned: str | None, progress: bool) -> Path:
-    known_size, known_sha = KNOWN_FILES.get(url, (None, None))
+def download(url: str, dest: Path, *, sha256: str | None = None, progress: bool = True) -> str:
+    """Stream ``url`` to ``dest`` (atomically, with a progress bar) and return its sha256.
+
+    Raises :class:`DownloadFailed` (nothing written at ``dest``) when the URL is unreachable, answers
+    an HTTP error, sends fewer bytes than announced, or the file's size (:data:`KNOWN_FILES`) or the
+    pinned ``sha256`` does not match.
+    """
+    known_size = KNOWN_FILES.get(url, (None, None))[0]
     request = urllib.request.Request(url, headers={"User-Agent": "nasquant"})
     try:
         with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
             header = response.headers.get("Content-Length")
             total = int(header) if header and header.isdigit() else None
             if known_size is not None and total is not None and total != known_size:
-                raise _MirrorFailed(f"it offers {total} bytes, expected {known_size}")
+                raise DownloadFailed(f"it offers {total} bytes, expected {known_size}")
             with atomic_path(dest) as part:
                 digest, received = _stream(response, part, total, dest.name, progress)
                 if total is not None and received != total:
-                    raise _MirrorFailed(f"connection closed after {received} of {total} bytes")
+                    raise DownloadFailed(f"connection closed after {received} of {total} bytes")
                 if known_size is not None and received != known_size:
-                    raise _MirrorFailed(f"received {received} bytes, expected {known_size}")
-                if pinned and digest != pinned:
-                    raise _MirrorFailed(f"sha256 {digest}, but {pinned} was pinned")
+                    raise DownloadFailed(f"received {received} bytes, expected {known_size}")
+                if sha256 and digest != sha256:
+                    raise DownloadFailed(f"sha256 {digest}, but {sha256} was pinned")
     except urllib.error.HTTPError as exc:
-        raise _MirrorFailed(f"HTTP {exc.code} {exc.reason}") from None
+        raise DownloadFailed(f"HTTP {exc.code} {exc.reason}") from None
     except urllib.error.URLError as exc:
-        raise _MirrorFailed(str(exc.reason)) from None
+        raise DownloadFailed(str(exc.reason)) from None
     except (OSError, http.client.HTTPException, ValueError) as exc:
-        raise _MirrorFailed(f"{type(exc).__name__}: {exc}") from None
-    if not pinned:
-        note = ""
-        if known_sha and digest != known_sha:
-            note = f"; differs from the recorded, unverified sha256 {known_sha}"
-        print(f"nasquant: downloaded {url} to {dest} (sha256 {digest}{note})", file=sys.stderr)
-    return dest
+        raise DownloadFailed(f"{type(exc).__name__}: {exc}") from None
+    return digest
 
 
 def _stream(

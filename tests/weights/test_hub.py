@@ -135,8 +135,34 @@ def test_alias_through_nasquant_mirror_loads_end_to_end(
     checkpoint = load_checkpoint("yolo_nas_s", cache_dir=cache, progress=False)
     assert (checkpoint.variant, checkpoint.num_classes) == ("yolo_nas_s", 6)
     assert checkpoint.path == cache / "yolo_nas_s_coco.pth"
-    load_checkpoint("YOLO-NAS-S", cache_dir=cache, progress=False)
+    # Ultralytics' file name is the same alias: the cached copy, no second request.
+    for name in ("YOLO-NAS-S", "yolo_nas_s.pt"):
+        assert load_checkpoint(name, cache_dir=cache, progress=False).path == checkpoint.path
     assert server.requests == ["/yolo_nas_s_coco.pth"]
+
+
+@pytest.mark.parametrize("name, alias", [("yolo_nas_s.pt", "yolo_nas_s"), ("YOLO-NAS-L.PT", "yolo_nas_l")])
+def test_ultralytics_file_name_offline_explains_the_download(cache: Path, name: str, alias: str) -> None:
+    messages = []
+    for source in (name, alias):
+        with pytest.raises(NasquantError) as exc:
+            resolve_source(source, cache_dir=cache, progress=False)
+        messages.append(str(exc.value))
+    assert messages[0] == messages[1]  # the conftest's mirror is a closed port
+    assert messages[0].startswith(f"could not download {alias}: ") and "\n" not in messages[0]
+    assert f"put it at {cache / f'{alias}_coco.pth'} or {cache / f'{alias}.pt'}" in messages[0]
+
+
+def test_ultralytics_file_name_finds_the_cached_pt(cache: Path) -> None:
+    cache.mkdir()
+    (cache / "yolo_nas_m.pt").write_bytes(PAYLOAD)  # what Ultralytics' mirror gives
+    assert resolve_source("yolo_nas_m.pt", cache_dir=cache) == cache / "yolo_nas_m.pt"
+
+
+def test_other_pt_names_are_still_missing_files(cache: Path) -> None:
+    with pytest.raises(NasquantError, match=r"^no such checkpoint file: yolo_nas_x\.pt \("):
+        resolve_source("yolo_nas_x.pt", cache_dir=cache)
+    assert hub.checkpoint_alias("my_yolo_nas_s.pt") is None and hub.checkpoint_alias("yolo_nas_s.pth") is None
 
 
 def test_every_mirror_down_is_one_line_naming_each_url(server: LocalServer, cache: Path, monkeypatch) -> None:
@@ -189,3 +215,6 @@ def test_a_local_path_wins_over_the_alias(tmp_path: Path, shapes_safetensors: Pa
     Path("yolo_nas_s").mkdir()
     shutil.copy(shapes_safetensors, Path("yolo_nas_s") / "weights.safetensors")
     assert resolve_source("yolo_nas_s") == Path("yolo_nas_s") / "weights.safetensors"
+    shutil.copy(shapes_safetensors, "yolo_nas_s.pt")  # a file under Ultralytics' name is just a file
+    assert resolve_source("yolo_nas_s.pt") == Path("yolo_nas_s.pt")
+    assert load_checkpoint("yolo_nas_s.pt").num_classes == 6
