@@ -55,9 +55,19 @@ def _cmd_predict(args: argparse.Namespace) -> None:
         exist_ok=True,
         stream=True,
     )  # no progress bar: the line per image printed below is the progress
+    totals: dict[str, float] = {}
+    count = 0
     for result in results:
+        count += 1
         frame = "" if result.frame is None else f" frame {result.frame}"
-        print(f"{result.path}{frame}: {result.verbose()}")
+        speed = ", ".join(f"{ms:.1f}ms {step}" for step, ms in result.speed.items())
+        print(f"{result.path}{frame}: {result.verbose()} ({speed})")
+        for step, ms in result.speed.items():
+            totals[step] = totals.get(step, 0.0) + ms
+    if count:
+        print(
+            "Speed: " + ", ".join(f"{ms / count:.1f}ms {step}" for step, ms in totals.items()) + " per image"
+        )
     print(f"annotated images and predictions.json written to {folder}")
 
 
