@@ -179,15 +179,14 @@ def main() -> None:
 
 
 def _appended(previous: dict, new: dict) -> dict:
-    """``previous`` (a record written on this host) with ``new``'s results and command added."""
+    """``previous`` (a record written on this host) with ``new``'s results and command added; a
+    configuration measured again replaces its earlier row (a fixed calibrator is rerun, not listed twice)."""
     for key in ("fp32_map50_95", "draws", "graphs"):
         if previous[key] != new[key]:
             sys.exit(f"cannot append: the record's {key} differs ({previous[key]} vs {new[key]})")
-    return {
-        **previous,
-        "commands": previous["commands"] + new["commands"],
-        "results": previous["results"] + new["results"],
-    }
+    rerun = {_configuration(result) for result in new["results"]}
+    kept = [result for result in previous["results"] if _configuration(result) not in rerun]
+    return {**previous, "commands": previous["commands"] + new["commands"], "results": kept + new["results"]}
 
 
 def _configuration(result: dict) -> str:
