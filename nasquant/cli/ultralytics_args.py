@@ -104,4 +104,6 @@ def translate_key_values(parser: argparse.ArgumentParser, argv: Sequence[str]) -
             translated.append(flag)
         elif value.lower() not in _FALSE:
             current.error(f"{word!r}: {key} is a switch, give {key}=True or {key}=False")
+        elif isinstance(current._option_string_actions[flag], argparse.BooleanOptionalAction):
+            translated.append(f"--no-{flag[2:]}")  # False overrides an on-by-default setting
     return translated

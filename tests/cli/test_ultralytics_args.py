@@ -29,6 +29,12 @@ from nasquant.cli.ultralytics_args import SYNONYMS, translate_key_values
             ["export", "--format=onnx", "--fp16", "--int8", "--dynamic-batch", "--nms"],
         ),
         (["export", "half=False", "nms=false", "int8=0", "model=x.pt"], ["export", "--model=x.pt"]),
+        # a setting that is on by default is turned off by its --no- form
+        (
+            ["predict", "multi_label=False", "agnostic_nms=True"],
+            ["predict", "--no-multi-label", "--agnostic"],
+        ),
+        (["val", "multi_label=true"], ["val", "--multi-label"]),
         (
             ["quantize", "recipes/a=b.yaml", "--set", "calibration.num_images=128", "resume=True"],
             ["quantize", "recipes/a=b.yaml", "--set", "calibration.num_images=128", "--resume"],
