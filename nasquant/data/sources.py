@@ -46,11 +46,10 @@ def image_files(source: str | os.PathLike | Iterable[str | os.PathLike]) -> list
     """Image paths from a file, a folder (sorted, non-recursive), a glob pattern, or a list of those."""
     if not isinstance(source, str | os.PathLike):
         return [path for item in source for path in image_files(item)]
-    files = media_files(source)
-    videos = [path for path in files if path.suffix.lower() in VIDEO_SUFFIXES]
-    if videos:
-        raise NasquantError(f"{videos[0]} is a video; images are expected here")
-    return files
+    images = [path for path in media_files(source) if path.suffix.lower() in IMAGE_SUFFIXES]
+    if not images:  # only videos there: predict reads them, calibration and validation do not
+        raise NasquantError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {os.fspath(source)}")
+    return images
 
 
 def media_files(source: str | os.PathLike) -> list[Path]:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from nasquant.data.sources import count_frames, iter_frames, media_files
+from nasquant.data.sources import count_frames, image_files, iter_frames, media_files
 from nasquant.errors import NasquantError
 from tests.shared import shared_path
 
@@ -60,6 +60,9 @@ def test_a_folder_mixes_images_and_videos_and_ignores_other_files(tmp_path: Path
         ("a.jpg", None),
     ]
     assert count_frames([tmp_path, str(tmp_path / "a.jpg")]) == 4
+    assert image_files(tmp_path) == [tmp_path / "a.jpg"]  # calibration and validation folders: images only
+    with pytest.raises(NasquantError, match="no images"):
+        image_files(tmp_path / "b.avi")
 
 
 def test_in_memory_images_are_converted_to_bgr() -> None:
