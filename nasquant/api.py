@@ -119,8 +119,8 @@ class NAS:
     checkpoint it came from.
 
     >>> model = NAS("yolo_nas_s")          # doctest: +SKIP
-    >>> model.val(data="coco8.yaml")["map50_95"]  # doctest: +SKIP
-    >>> NAS("runs/shapes_s_int8/model.int8.cpu.onnx").predict("bus.jpg")  # doctest: +SKIP
+    >>> model.val(data="coco8.yaml").box.map  # doctest: +SKIP
+    >>> NAS("runs/shapes_s_int8/model.int8.cpu.onnx")("bus.jpg")[0].boxes.xyxy  # doctest: +SKIP
     """
 
     def __init__(
