@@ -109,9 +109,9 @@ class CalibrationSection:
     """Seed of the draw when there is no ``image_list``, so the same folder gives the same images."""
     method: CalibrationMethod = "max"
     """Activation range: max, or a histogram reduced by percentile / entropy / mse. ``max`` by the race
-    (benchmarks/calibrators.md, shapes, with bias correction, mean of 3 draws): entropy and mse lose to
-    it on ONNX Runtime and the TensorRT flavour and tie on OpenVINO; percentile, on the recipe's draw
-    only, clips the heads (99.99: −0.33 points, 99.999: −0.02, max +0.02)."""
+    (benchmarks/calibrators.md, shapes, with bias correction, mean of 3 draws): entropy, mse and
+    percentile 99.999 lose to it on ONNX Runtime and the TensorRT flavour and tie on OpenVINO;
+    percentile 99.99 clips the heads (−0.35 to −0.40 points)."""
     percentile: float = _constrained(99.99, gt=0, le=100)
     """Percentile of the histogram kept when ``method`` is percentile (0 < p <= 100)."""
     allow_overlap: bool = False
