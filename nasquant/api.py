@@ -346,38 +346,34 @@ class NAS:
         ``save`` (or a ``save_dir``): annotated images/videos and ``predictions.json`` in ``save_dir``
         (default ``runs/predict``), or ``save_dir2``, ``save_dir3``... when it exists, unless ``exist_ok``.
         """
-        results = self._iter_predictions(
-            source, conf, iou, imgsz, protocol, max_det, multi_label, agnostic, save, save_dir, exist_ok, device,
-            progress,
-        )  # fmt: skip
-        return results if stream else list(results)
-
-    def _iter_predictions(
-        self,
-        source: Any,
-        conf: float | None,
-        iou: float | None,
-        imgsz: int | None,
-        protocol: str | None,
-        max_det: int | None,
-        multi_label: bool | None,
-        agnostic: bool | None,
-        save: bool,
-        save_dir: str | os.PathLike | None,
-        exist_ok: bool,
-        device: str | None,
-        progress: bool,
-    ) -> Iterator[Results]:
-        spec = self.preprocessing(protocol, imgsz)  # bad settings fail before any frame is read
+        spec = self.preprocessing(protocol, imgsz)  # bad settings fail here, even for a generator
         folder = None
         if save or save_dir is not None:
             folder = next_free_folder(save_dir if save_dir is not None else DEFAULT_PREDICT_DIR, exist_ok)
+        asked = {
+            "conf": conf,
+            "iou": iou,
+            "max_det": max_det,
+            "multi_label": multi_label,
+            "agnostic": agnostic,
+        }
+        results = self._results(source, spec, asked, folder, device, progress)
+        return results if stream else list(results)
+
+    def _results(
+        self,
+        source: Any,
+        spec: Preprocess,
+        asked: dict[str, Any],
+        folder: Path | None,
+        device: str | None,
+        progress: bool,
+    ) -> Iterator[Results]:
+        """The generator behind :meth:`predict`: it holds the backend (and the writer) open while the
+        caller iterates, and closes them when the frames run out or the caller stops."""
         names = dict(enumerate(self.names))
         with self.backend(device) as backend:
-            nms = resolve_nms(
-                backend, PREDICT_NMS, conf=conf, iou=iou, max_det=max_det, multi_label=multi_label,
-                agnostic=agnostic,
-            )  # fmt: skip
+            nms = resolve_nms(backend, PREDICT_NMS, **asked)
             frames = tqdm(
                 iter_frames(source), total=count_frames(source), desc="predict", disable=not progress
             )

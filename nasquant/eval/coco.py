@@ -80,8 +80,8 @@ def evaluate_coco(gt: dict, results: list[dict], class_names: Sequence[str] | No
         evaluator.accumulate()
         evaluator.summarize()
     metrics: dict = {name: _fraction(value) for name, value in zip(STAT_NAMES, evaluator.stats, strict=True)}
-    metrics["per_class"] = _per_class_ap(evaluator, names)
     metrics["classes"] = _class_table(evaluator, gt, categories, names)
+    metrics["per_class"] = {name: row["ap50_95"] for name, row in metrics["classes"].items()}
     metrics["num_images"] = len(evaluator.params.imgIds)
     metrics["num_detections"] = len(results)
     return metrics
@@ -104,24 +104,11 @@ def _fraction(value: float) -> float | None:
     return None if value < 0 else float(value)
 
 
-def _per_class_ap(evaluator: COCOeval, names: Sequence[str]) -> dict[str, float | None]:
-    """AP@[.5:.95] per class from the accumulated precision table, as Detectron reports it."""
-    # precision: [IoU thresholds, recall points, categories (params.catIds order), area ranges, maxDets]
-    precision = evaluator.eval["precision"]
-    area_all = evaluator.params.areaRngLbl.index("all")
-    max_dets_100 = evaluator.params.maxDets.index(100)
-    per_class: dict[str, float | None] = {}
-    for k, name in enumerate(names):
-        values = precision[:, :, k, area_all, max_dets_100]
-        values = values[values > -1]
-        per_class[name] = float(values.mean()) if values.size else None
-    return per_class
-
-
 def _class_table(
     evaluator: COCOeval, gt: dict, categories: Sequence[dict], names: Sequence[str]
 ) -> dict[str, dict]:
-    """Per class: images and (non-crowd) instances in the ground truth, AP50, AP50-95, and precision /
+    """Per class: images and (non-crowd) instances in the ground truth, AP50, AP50-95 (averaged over
+    the accumulated precision table, as Detectron reports per-class AP), and precision /
     recall at the class's best-F1 point of its IoU-0.5 precision-recall curve (COCOeval's 101 recall
     points, all areas, 100 detections). Ultralytics reports P/R at one confidence shared by all
     classes, so its numbers differ a little; the APs are pycocotools' own. ``None`` without ground truth.
