@@ -84,7 +84,7 @@ class PredictionWriter:
         self.folder = Path(folder)
         if self.folder.exists() and not self.folder.is_dir():
             raise NasquantError(f"output folder {self.folder} is a file")
-        self.records: list[dict] = []
+        self._records: list[dict] = []
         self._names: dict[str, str] = {}  # source -> file stem, unique within the folder
         self._videos: dict[str, tuple[cv2.VideoWriter, Path, Path]] = {}
 
@@ -103,7 +103,7 @@ class PredictionWriter:
             result.save(self.folder / f"{stem}.jpg")
         else:
             self._video_frame(stem, result)
-        self.records.append(result.to_dict())
+        self._records.append(result.to_dict())
 
     def close(self, complete: bool = True) -> None:
         for writer, tmp, final in self._videos.values():
@@ -113,8 +113,8 @@ class PredictionWriter:
             else:
                 tmp.unlink(missing_ok=True)
         self._videos.clear()
-        if complete and self.records:
-            write_json(self.folder / PREDICTIONS_JSON, self.records)
+        if complete and self._records:
+            write_json(self.folder / PREDICTIONS_JSON, self._records)
 
     def _refuse_overwriting(self, source: str) -> None:
         # An annotated re-encode written over its own input would destroy the user's image.

@@ -37,10 +37,6 @@ class Frame:
     image: np.ndarray
     frame: int | None = None
 
-    @property
-    def is_video(self) -> bool:
-        return self.frame is not None
-
 
 def image_files(source: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
     """Image paths from a file, a folder (sorted, non-recursive), a glob pattern, or a list of those."""
@@ -100,9 +96,11 @@ def count_frames(source: Any) -> int | None:
         return None if None in counts else sum(counts)  # type: ignore[arg-type]
     if _is_tensor(source):
         return 1 if source.ndim == 3 else int(source.shape[0])
-    if isinstance(source, np.ndarray) or _is_pil(source) or (isinstance(source, str) and _is_url(source)):
-        return 1 if _stream_target(source) is None else None
-    if _stream_target(source) is not None or not isinstance(source, str | os.PathLike):
+    if _stream_target(source) is not None:
+        return None
+    if isinstance(source, np.ndarray) or _is_pil(source) or _is_url(source):
+        return 1
+    if not isinstance(source, str | os.PathLike):
         return None
     total = 0
     for path in media_files(source):
@@ -212,7 +210,7 @@ def _stream_target(source: Any) -> str | int | None:
     return None
 
 
-def _is_url(source: str | os.PathLike) -> bool:
+def _is_url(source: Any) -> bool:
     return isinstance(source, str) and urllib.parse.urlsplit(source).scheme.lower() in ("http", "https")
 
 
