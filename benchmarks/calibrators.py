@@ -62,6 +62,8 @@ class Result:
     bias_correction: bool
     finetune_steps: int = 0
     """Quantization-aware distillation steps before export (0 = none)."""
+    range_learning_rate: float = 0.0
+    """The distillation's rate for the quantizers' ranges (0 = the calibrated ranges are kept)."""
     draws: dict[str, dict[str, float]] = field(default_factory=dict)
     """draw -> graph -> mAP50-95 (fraction)."""
 
@@ -107,6 +109,12 @@ def main() -> None:
         "--finetune-steps", type=int, default=0, help="distil each INT8 model this many steps first (0 = no)"
     )
     parser.add_argument("--finetune-lr", type=float, default=FinetuneSection().learning_rate)
+    parser.add_argument(
+        "--finetune-range-lr",
+        type=float,
+        default=0.0,
+        help="the distillation also learns the quantizers' ranges at this rate (0 = keeps them)",
+    )
     parser.add_argument("--output", type=Path, default=HERE / "calibrators")
     parser.add_argument(
         "--append", action="store_true", help="add these rows to the record at --output (same FP32, draws)"
@@ -126,7 +134,11 @@ def main() -> None:
         work = Path(folder)
         fp32 = export_onnx(nas.model, work / "model.fp32.onnx", imgsz=spec.imgsz)
         fp32_map = _validate(fp32, "onnxruntime", validation, spec)
-        results = [Result(m, bc, args.finetune_steps) for m in args.methods for bc in corrections]
+        results = [
+            Result(m, bc, args.finetune_steps, args.finetune_range_lr if args.finetune_steps else 0.0)
+            for m in args.methods
+            for bc in corrections
+        ]
         for draw, count, seed in DRAWS:
             chosen = select_calibration_images(source, num_images=count or len(source), seed=seed or 0)
             batches = [b.images for b in iter_batches(chosen, spec, recipe.calibration.batch_size)]
@@ -148,6 +160,7 @@ def main() -> None:
                             train,
                             steps=args.finetune_steps,
                             learning_rate=args.finetune_lr,
+                            range_learning_rate=args.finetune_range_lr or None,
                             seed=finetune.seed,
                             progress=False,
                         ).model
@@ -190,9 +203,17 @@ def _appended(previous: dict, new: dict) -> dict:
 
 
 def _configuration(result: dict) -> str:
-    steps = result.get("finetune_steps", 0)
-    distillation = f", distilled {steps} steps" if steps else ""
+    distillation = f", distilled {_distillation(result)}" if result.get("finetune_steps") else ""
     return f"{result['method']}, bias correction {'on' if result['bias_correction'] else 'off'}{distillation}"
+
+
+def _distillation(result: dict) -> str:
+    """How a result was distilled: its steps, and the ranges' rate when they learned."""
+    steps = result.get("finetune_steps", 0)
+    if not steps:
+        return "off"
+    rate = result.get("range_learning_rate", 0.0)
+    return f"{steps} steps" + (f", ranges learned at {rate:g}" if rate else "")
 
 
 def _markdown(record: dict) -> str:
@@ -219,7 +240,7 @@ def _markdown(record: dict) -> str:
             )
         lines.append(
             f"| {result['method']} | {'on' if result['bias_correction'] else 'off'} | "
-            f"{result.get('finetune_steps') or 'off'} | " + " | ".join(cells) + " |"
+            f"{_distillation(result)} | " + " | ".join(cells) + " |"
         )
     lines.append("")
     return "\n".join(lines)

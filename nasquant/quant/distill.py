@@ -3,9 +3,17 @@ model's own outputs on the calibration images. No labels.
 
 ModelOpt's QAT mechanics: a calibrated model is already trainable. Its quantizers fake-quantize in
 the forward pass with a straight-through gradient and keep the calibrated ranges (``amax`` is a
-buffer, not a parameter); the weights and biases learn. (ModelOpt's learned-range mode, LSQ, exists
-for its block-scaled formats only, not for INT8 per-tensor activations.) The network was fused before
-quantization, so no BatchNorm is left to drift: BN is frozen by construction.
+buffer, not a parameter); the weights and biases learn. The network was fused before quantization, so
+no BatchNorm is left to drift: BN is frozen by construction.
+
+With ``learn_ranges``, the ranges learn too (LSQ, Esser et al. 2020). ModelOpt's INT8 fake quantizer
+gives ``amax`` no gradient (its learned-range mode exists for block-scaled formats only), so for the
+duration of the fine-tuning each calibrated quantizer runs through a ModelOpt functional backend
+(:func:`modelopt.torch.quantization.nn.register_quant_backend`) that computes
+``int_cast_ste(x / s) * s`` with ``s = exp(log_amax) / maxbound``: ModelOpt's own rounding with a
+straight-through estimator, through which the step size receives LSQ's gradient. ``log_amax`` starts at
+the calibrated range and learns at its own rate (a relative step, whatever the tensor's scale); on exit
+the learned ranges are written back as the quantizers' ``amax``, and export is ModelOpt's as before.
 
 The teacher is the FP32 network, the target its raw head outputs, level by level:
 
@@ -24,17 +32,26 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from modelopt.torch.quantization.nn import (
+    TensorQuantizer,
+    is_registered_quant_backend,
+    register_quant_backend,
+)
+from modelopt.torch.quantization.tensor_quant import int_cast_ste
 from torch import nn
 from tqdm import tqdm
 
 from nasquant.errors import NasquantError
 from nasquant.models.yolo_nas import DFLHead
+
+#: The ModelOpt functional backend under which a quantizer fake-quantizes with a learnable range.
+LEARNED_RANGE_BACKEND = "nasquant-learned-range"
 
 
 @dataclass(frozen=True)
@@ -75,6 +92,42 @@ def head_outputs(model: nn.Module) -> Iterator[list[tuple[torch.Tensor, torch.Te
             handle.remove()
 
 
+def _fake_quantize_with_learned_range(inputs: torch.Tensor, quantizer: TensorQuantizer) -> torch.Tensor:
+    """``inputs`` on the quantizer's integer grid, its step size derived from the ``log_amax`` parameter
+    (see the module docstring)."""
+    step = quantizer.log_amax.exp() / quantizer.maxbound
+    return int_cast_ste(inputs / step, quantizer.num_bits, quantizer.unsigned, quantizer.narrow_range) * step
+
+
+@contextmanager
+def learned_ranges(model: nn.Module) -> Iterator[list[nn.Parameter]]:
+    """While open, every calibrated, enabled quantizer of ``model`` fake-quantizes with a learnable range
+    (its ``log_amax`` parameter, starting at the calibrated ``amax``); the context yields those
+    parameters. On exit each range that moved becomes the quantizer's ``amax``."""
+    if not is_registered_quant_backend(LEARNED_RANGE_BACKEND):
+        register_quant_backend(LEARNED_RANGE_BACKEND, _fake_quantize_with_learned_range)
+    quantizers = [
+        module
+        for module in model.modules()
+        if isinstance(module, TensorQuantizer) and module.is_enabled and module.amax is not None
+    ]
+    if any(isinstance(quantizer.num_bits, tuple) or quantizer.block_sizes for quantizer in quantizers):
+        raise NasquantError("learned ranges cover integer per-tensor and per-channel quantizers only")
+    backends = [quantizer.backend for quantizer in quantizers]
+    for quantizer in quantizers:
+        quantizer.log_amax = nn.Parameter(quantizer.amax.detach().float().clamp_min(1e-8).log())
+        quantizer.backend = LEARNED_RANGE_BACKEND
+    starts = [quantizer.log_amax.detach().clone() for quantizer in quantizers]
+    try:
+        yield [quantizer.log_amax for quantizer in quantizers]
+    finally:
+        for quantizer, backend, start in zip(quantizers, backends, starts, strict=True):
+            if not torch.equal(quantizer.log_amax, start):  # exp(log(amax)) may differ from amax by an ulp
+                quantizer.amax = quantizer.log_amax.detach().exp().to(quantizer.amax.dtype)
+            del quantizer.log_amax
+            quantizer.backend = backend
+
+
 def distillation_loss(
     student: list[tuple[torch.Tensor, torch.Tensor]], teacher: list[tuple[torch.Tensor, torch.Tensor]]
 ) -> torch.Tensor:
@@ -106,12 +159,14 @@ def distill(
     *,
     steps: int,
     learning_rate: float,
+    range_learning_rate: float | None = None,
     seed: int = 0,
     device: str = "cpu",
     progress: bool = True,
 ) -> Distillation:
     """A copy of the calibrated ``model`` fine-tuned for ``steps`` toward the float ``teacher``'s head
-    outputs on ``batches`` (preprocessed calibration images); ``model`` and ``teacher`` are untouched."""
+    outputs on ``batches`` (preprocessed calibration images); ``model`` and ``teacher`` are untouched.
+    With ``range_learning_rate``, the quantizers' ranges learn too, at that rate (on ``log amax``)."""
     if steps < 1:
         raise NasquantError(f"distillation needs at least one step, got {steps}")
     if not batches:
@@ -123,7 +178,29 @@ def distill(
     trained = [p for name, p in student.named_parameters() if "_quantizer" not in name]
     for parameter in trained:
         parameter.requires_grad_(True)
-    optimizer = torch.optim.Adam(trained, lr=learning_rate)
+    with learned_ranges(student) if range_learning_rate else nullcontext([]) as ranges:
+        groups = [{"params": trained}]
+        if ranges:
+            groups.append({"params": ranges, "lr": range_learning_rate})
+        losses = _train(student, teacher, batches, groups, steps, learning_rate, seed, device, progress)
+    for parameter in trained:
+        parameter.requires_grad_(False)
+    return Distillation(student.cpu().eval(), losses)
+
+
+def _train(
+    student: nn.Module,
+    teacher: nn.Module,
+    batches: Sequence[np.ndarray],
+    groups: list[dict],
+    steps: int,
+    learning_rate: float,
+    seed: int,
+    device: str,
+    progress: bool,
+) -> list[float]:
+    """Adam on the parameter ``groups`` for ``steps`` (see the module docstring); the loss of each step."""
+    optimizer = torch.optim.Adam(groups, lr=learning_rate)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
     generator = np.random.default_rng(seed)
     losses: list[float] = []
@@ -146,9 +223,7 @@ def distill(
             schedule.step()
             losses.append(loss.detach().item())
             bar.set_postfix(loss=f"{losses[-1]:.2e}", refresh=False)
-    for parameter in trained:
-        parameter.requires_grad_(False)
-    return Distillation(student.cpu().eval(), losses)
+    return losses
 
 
 def _flipped(batch: np.ndarray, generator: np.random.Generator) -> np.ndarray:

@@ -167,6 +167,11 @@ class FinetuneSection:
     """Optimizer steps, one calibration batch each."""
     learning_rate: float = _constrained(1e-5, gt=0, le=1)
     """Adam's initial rate, decayed to 0 on a cosine."""
+    learn_ranges: bool = False
+    """Also learn the quantizers' ranges (LSQ on ``log amax``, from the calibrated ones); off keeps the
+    calibrated ranges and trains the weights only."""
+    range_learning_rate: float = _constrained(1e-3, gt=0, le=1)
+    """Adam's initial rate for the ranges (``learn_ranges``): a relative step of each range, cosine-decayed."""
     batch_size: int = _constrained(8, ge=1)
     """Calibration images per step."""
     seed: int = _constrained(0, ge=0)

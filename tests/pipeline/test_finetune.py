@@ -64,3 +64,14 @@ def test_finetune_runs_as_a_cached_stage_between_selection_and_export(tmp_path: 
     (tmp_path / finetuned_name("model.int8")).write_bytes(b"not safetensors")
     with pytest.raises(NasquantError, match="cannot read fine-tuned weights .* delete it to fine-tune again"):
         export("damaged", tuned_recipe)
+    # learning the ranges too is another stage key: it trains again, and the activations' scales move
+    # (with the calibrated ranges kept, they are the untuned graph's)
+    ranged = _initializers(
+        export("ranges", replace(tuned_recipe, finetune=replace(tuned_recipe.finetune, learn_ranges=True)))
+    )
+    assert any("distillation loss" in line and "(reused)" not in line for line in runs["ranges"])
+    activation_scales = [
+        name for name, value in plain.items() if value.ndim == 0 and value.dtype == np.float32
+    ]
+    assert activation_scales and all(np.array_equal(tuned[name], plain[name]) for name in activation_scales)
+    assert any(not np.array_equal(ranged[name], plain[name]) for name in activation_scales)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from modelopt.torch.quantization.nn import TensorQuantizer
 from torch import nn
 
 from nasquant import NAS
@@ -12,7 +13,7 @@ from nasquant.data.calibration import select_calibration_images
 from nasquant.data.datasets import iter_batches, load_dataset
 from nasquant.errors import NasquantError
 from nasquant.quant import keep_in_float
-from nasquant.quant.distill import distill, distillation_loss, head_outputs
+from nasquant.quant.distill import distill, distillation_loss, head_outputs, learned_ranges
 from nasquant.settings import BOX_BRANCH_LAYERS
 from tests.shared import shared_path
 
@@ -77,3 +78,44 @@ def test_bad_requests_are_refused(shapes_nas: NAS, calibrated: nn.Module, batche
         distill(calibrated, shapes_nas.model, [], steps=1, learning_rate=1e-5)
     with pytest.raises(NasquantError, match="no detection head"):
         distill(nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 1), batches, steps=1, learning_rate=1e-5)
+
+
+def test_learned_ranges_start_at_the_calibrated_ones_and_learn(
+    shapes_nas: NAS, calibrated: nn.Module, batches: list[np.ndarray]
+) -> None:
+    selective = keep_in_float(calibrated, list(BOX_BRANCH_LAYERS))[0]
+    quantizers = {
+        name: module
+        for name, module in selective.named_modules()
+        if isinstance(module, TensorQuantizer) and module.amax is not None
+    }
+    before = {name: q.amax.clone() for name, q in quantizers.items()}
+    fixed_loss = _loss(selective, shapes_nas.model, batches)
+    with learned_ranges(selective) as ranges:
+        learned = {name for name, q in quantizers.items() if hasattr(q, "log_amax")}
+        assert learned == {name for name, q in quantizers.items() if q.is_enabled}
+        assert learned != set(quantizers)  # the box branch's quantizers are off and stay out
+        assert len(ranges) == len(learned) and all(r.requires_grad for r in ranges)
+        # the same grid, computed through ModelOpt's rounding with a straight-through estimator: the
+        # model is as far from the float one as with ModelOpt's own fake quantizer (rounding ties aside)
+        assert _loss(selective, shapes_nas.model, batches) == pytest.approx(fixed_loss, rel=0.05)
+    # closed untrained: the calibrated ranges come back, the parameters and the backend are gone
+    for name, quantizer in quantizers.items():
+        assert torch.equal(quantizer.amax, before[name])
+        assert quantizer.backend is None and not hasattr(quantizer, "log_amax")
+
+    result = distill(
+        selective,
+        shapes_nas.model,
+        batches,
+        steps=4,
+        learning_rate=1e-5,
+        range_learning_rate=1e-3,
+        progress=False,
+    )
+    tuned = {name: q for name, q in result.model.named_modules() if name in quantizers}
+    moved = {name for name, q in tuned.items() if not torch.equal(q.amax, before[name])}
+    assert moved and moved <= learned  # only enabled quantizers learn, and they did
+    assert all(q.backend is None and not hasattr(q, "log_amax") for q in tuned.values())
+    assert all(torch.equal(q.amax, before[name]) for name, q in quantizers.items())  # the input model kept
+    assert _loss(result.model, shapes_nas.model, batches) < fixed_loss
