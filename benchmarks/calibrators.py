@@ -2,7 +2,7 @@
 loses least mAP?
 
     .venv/bin/python -m benchmarks.calibrators [--methods max percentile:99.99 ...] [--bias-correction both]
-        [--finetune-steps N] [--append]
+        [--finetune-steps 0 100] [--draws 3] [--graphs NAME ...] [--append]
 
 On the shapes fixture, for each calibrator (ModelOpt's ``max``, ``percentile`` at a few percentiles,
 ``entropy``, ``mse``) and bias correction off/on (:mod:`nasquant.quant.bias_correction`), over three
@@ -13,8 +13,12 @@ set: the CPU flavour on ONNX Runtime (integer kernels, unsigned grids) and on Op
 flavour on ONNX Runtime (TensorRT's signed grids; TensorRT itself does not run here). Mean and spread
 over the draws, Δ vs FP32 in mAP points. No timing: a calibrator changes ranges, not kernels.
 ``--finetune-steps`` distils each calibrated model first (:mod:`nasquant.quant.distill`, the recipe's
-``finetune`` defaults otherwise), as the pipeline's ``finetune`` stage does. Writes
-``benchmarks/calibrators.md`` and ``.json``; ``--append`` adds the rows to that record.
+``finetune`` defaults otherwise), as the pipeline's ``finetune`` stage does; several step counts
+(``--finetune-steps 0 100``) distil the same calibrations, and the record then also gives each distilled
+row's effect paired draw by draw with its undistilled twin (mean ± standard error): a lever's effect is
+resolved only where it exceeds that error. ``--draws N`` adds seeded halves (seeds 3, 4, ...) to the
+three draws, ``--graphs`` validates only the named graphs (and distils only the models they need).
+Writes ``benchmarks/calibrators.md`` and ``.json``; ``--append`` adds the rows to that record.
 """
 
 from __future__ import annotations
@@ -44,8 +48,8 @@ from nasquant.settings import BOX_BRANCH_LAYERS
 
 HERE = Path(__file__).resolve().parent
 RECIPE = HERE.parent / "recipes" / "shapes_s_int8.yaml"
-#: The recipe's images, then two seeded halves of them.
-DRAWS = (("recipe's 256", None, None), ("half, seed 1", 128, 1), ("half, seed 2", 128, 2))
+#: The recipe's images, then seeded halves of them (seeds 1, 2, ...), three draws by default.
+DEFAULT_DRAWS = 3
 DEFAULT_METHODS = ("max", "percentile:99.9", "percentile:99.99", "percentile:99.999", "entropy", "mse")
 #: The graphs each configuration is validated as (name -> skip list, flavour, runtime).
 GRAPHS = {
@@ -66,6 +70,13 @@ class Result:
     """The distillation's rate for the quantizers' ranges (0 = the calibrated ranges are kept)."""
     draws: dict[str, dict[str, float]] = field(default_factory=dict)
     """draw -> graph -> mAP50-95 (fraction)."""
+
+
+def _draws(count: int) -> list[tuple[str, int | None, int]]:
+    """(label, images or None for all of them, seed) of the first ``count`` draws."""
+    if count < 1:
+        sys.exit(f"--draws must be at least 1, got {count}")
+    return [("recipe's 256", None, 0)] + [(f"half, seed {seed}", 128, seed) for seed in range(1, count)]
 
 
 def _parse_method(text: str) -> tuple[str, float]:
@@ -106,7 +117,11 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), help="name or percentile:P")
     parser.add_argument("--bias-correction", choices=("off", "on", "both"), default="both")
     parser.add_argument(
-        "--finetune-steps", type=int, default=0, help="distil each INT8 model this many steps first (0 = no)"
+        "--finetune-steps",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="distil each INT8 model this many steps first (0 = no); several: one row each, same calibrations",
     )
     parser.add_argument("--finetune-lr", type=float, default=FinetuneSection().learning_rate)
     parser.add_argument(
@@ -115,6 +130,13 @@ def main() -> None:
         default=0.0,
         help="the distillation also learns the quantizers' ranges at this rate (0 = keeps them)",
     )
+    parser.add_argument(
+        "--draws",
+        type=int,
+        default=DEFAULT_DRAWS,
+        help="calibration draws: the recipe's images, then seeded halves",
+    )
+    parser.add_argument("--graphs", nargs="+", choices=list(GRAPHS), help="validate only these graphs")
     parser.add_argument("--output", type=Path, default=HERE / "calibrators")
     parser.add_argument(
         "--append", action="store_true", help="add these rows to the record at --output (same FP32, draws)"
@@ -126,8 +148,12 @@ def main() -> None:
     validation = load_dataset(recipe.resolve_path(recipe.validation.data))
     source = load_dataset(recipe.resolve_path(recipe.calibration.data), kind=recipe.calibration.format)
     graphs = {
-        name: g for name, g in GRAPHS.items() if g[2] != "openvino" or importlib.util.find_spec("openvino")
+        name: g
+        for name, g in GRAPHS.items()
+        if (g[2] != "openvino" or importlib.util.find_spec("openvino")) and name in (args.graphs or GRAPHS)
     }
+    skips = {g[0] for g in graphs.values()}
+    draws = _draws(args.draws)
     corrections = {"off": (False,), "on": (True,), "both": (False, True)}[args.bias_correction]
     finetune = FinetuneSection()
     with tempfile.TemporaryDirectory(prefix="nasquant-calibrators-") as folder:
@@ -135,51 +161,57 @@ def main() -> None:
         fp32 = export_onnx(nas.model, work / "model.fp32.onnx", imgsz=spec.imgsz)
         fp32_map = _validate(fp32, "onnxruntime", validation, spec)
         results = [
-            Result(m, bc, args.finetune_steps, args.finetune_range_lr if args.finetune_steps else 0.0)
+            Result(m, bc, steps, args.finetune_range_lr if steps else 0.0)
             for m in args.methods
+            for steps in args.finetune_steps
             for bc in corrections
         ]
-        for draw, count, seed in DRAWS:
-            chosen = select_calibration_images(source, num_images=count or len(source), seed=seed or 0)
+        for draw, count, seed in draws:
+            chosen = select_calibration_images(source, num_images=count or len(source), seed=seed)
             batches = [b.images for b in iter_batches(chosen, spec, recipe.calibration.batch_size)]
             for method_text in args.methods:
                 method, percentile = _parse_method(method_text)
                 calibrated = calibrate(
                     nas.model, batches, method=method, percentile=percentile, progress=False
                 )
-                models = {
+                calibrated_models = {
                     "all": calibrated,
                     "selective": keep_in_float(calibrated, list(BOX_BRANCH_LAYERS))[0],
                 }
-                if args.finetune_steps:
-                    train = [b.images for b in iter_batches(chosen, spec, finetune.batch_size)]
-                    for skip, model in models.items():
-                        models[skip] = distill(
-                            model,
-                            nas.model,
-                            train,
-                            steps=args.finetune_steps,
-                            learning_rate=args.finetune_lr,
-                            range_learning_rate=args.finetune_range_lr or None,
-                            seed=finetune.seed,
-                            progress=False,
-                        ).model
-                for result in (r for r in results if r.method == method_text):
-                    scores = result.draws.setdefault(draw, {})
-                    for skip, model in models.items():
-                        files = _flavours(model, skip, result.bias_correction, batches, work, spec.imgsz)
-                        for name, (graph_skip, flavor, runtime) in graphs.items():
-                            if graph_skip == skip:
-                                scores[name] = _validate(files[flavor], runtime, validation, spec)
-                    line = ", ".join(f"{n} {100 * (m - fp32_map):+.3f}" for n, m in scores.items())
-                    print(f"[{draw}] {_configuration(asdict(result))}: {line}", flush=True)
+                for steps in args.finetune_steps:
+                    models = {skip: calibrated_models[skip] for skip in skips}
+                    if steps:
+                        train = [b.images for b in iter_batches(chosen, spec, finetune.batch_size)]
+                        for skip, model in models.items():
+                            models[skip] = distill(
+                                model,
+                                nas.model,
+                                train,
+                                steps=steps,
+                                learning_rate=args.finetune_lr,
+                                range_learning_rate=args.finetune_range_lr or None,
+                                seed=finetune.seed,
+                                progress=False,
+                            ).model
+                    chosen_results = (
+                        r for r in results if r.method == method_text and r.finetune_steps == steps
+                    )
+                    for result in chosen_results:
+                        scores = result.draws.setdefault(draw, {})
+                        for skip, model in models.items():
+                            files = _flavours(model, skip, result.bias_correction, batches, work, spec.imgsz)
+                            for name, (graph_skip, flavor, runtime) in graphs.items():
+                                if graph_skip == skip:
+                                    scores[name] = _validate(files[flavor], runtime, validation, spec)
+                        line = ", ".join(f"{n} {100 * (m - fp32_map):+.3f}" for n, m in scores.items())
+                        print(f"[{draw}] {_configuration(asdict(result))}: {line}", flush=True)
     command = "python -m benchmarks.calibrators " + " ".join(sys.argv[1:])
     record = {
         "commands": [command],
         "host": host_info(ort_threads=2),
         "recipe": str(RECIPE),
         "fp32_map50_95": fp32_map,
-        "draws": [d[0] for d in DRAWS],
+        "draws": [d[0] for d in draws],
         "graphs": list(graphs),
         "results": [asdict(r) for r in results],
     }
@@ -242,8 +274,52 @@ def _markdown(record: dict) -> str:
             f"| {result['method']} | {'on' if result['bias_correction'] else 'off'} | "
             f"{_distillation(result)} | " + " | ".join(cells) + " |"
         )
+    lines += _paired_markdown(record)
     lines.append("")
     return "\n".join(lines)
+
+
+def _paired_markdown(record: dict) -> list[str]:
+    """Each distilled row's effect, paired draw by draw with the same calibration undistilled: the mean
+    difference in mAP points ± its standard error (empty when no row has an undistilled twin)."""
+    graphs = record["graphs"]
+    undistilled = {
+        (r["method"], r["bias_correction"]): r for r in record["results"] if not r.get("finetune_steps")
+    }
+    lines = []
+    for result in record["results"]:
+        twin = undistilled.get((result["method"], result["bias_correction"]))
+        if not result.get("finetune_steps") or twin is None:
+            continue
+        cells = []
+        for graph in graphs:
+            differences = [
+                100 * (scores[graph] - twin["draws"][draw][graph])
+                for draw, scores in result["draws"].items()
+                if graph in scores and graph in twin["draws"].get(draw, {})
+            ]
+            if len(differences) < 2:
+                cells.append("—")
+                continue
+            error = statistics.stdev(differences) / len(differences) ** 0.5
+            cells.append(f"{statistics.mean(differences):+.3f} ± {error:.3f} (n={len(differences)})")
+        lines.append(
+            f"| {result['method']} | {'on' if result['bias_correction'] else 'off'} | "
+            f"{_distillation(result)} | " + " | ".join(cells) + " |"
+        )
+    if not lines:
+        return []
+    return [
+        "",
+        "## What distillation changes, paired draw by draw",
+        "",
+        "Each cell: the distilled row minus the same calibration undistilled, in mAP points, mean over the "
+        "draws ± its standard error (n draws). An effect smaller than about twice its error is not resolved.",
+        "",
+        "| calibrator | bias correction | distillation | " + " | ".join(graphs) + " |",
+        "|---|---|---|" + "---|" * len(graphs),
+        *lines,
+    ]
 
 
 if __name__ == "__main__":
