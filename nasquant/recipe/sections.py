@@ -172,7 +172,8 @@ class FinetuneSection:
     calibrated ranges and trains the weights only. Shapes fixture, 3 draws (benchmarks/calibrators.md):
     no gain where the PTQ levers left nothing to recover; on a calibration that clips (percentile
     99.99, CPU flavour −0.38) it recovers 0.16 points where the kept ranges recover 0.13, and 0.28 at
-    ``range_learning_rate`` 1e-2 (which cost 0.15 on the unclipped calibration's one measured draw)."""
+    ``range_learning_rate`` 1e-2 (which costs the unclipped ``max`` calibration 0.10 on TensorRT's grids,
+    nine draws: benchmarks/distillation_paired.md)."""
     range_learning_rate: float = _constrained(1e-3, gt=0, le=1)
     """Adam's initial rate for the ranges (``learn_ranges``): a relative step of each range, cosine-decayed."""
     batch_size: int = _constrained(8, ge=1)
