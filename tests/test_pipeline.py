@@ -300,7 +300,7 @@ def test_skip_auto_searches_and_records_its_choice(tmp_path: Path, capsys) -> No
     output = tmp_path / "auto"
     budget = ["quantization.skip=auto", "quantization.max_map_drop=0.5", "quantization.max_fp_layers=2"]
     cheap = [
-        "quantization.sensitivity_images=2",
+        "quantization.sensitivity_images=1",
         "quantization.sensitivity_top_k=1",
         "quantization.sensitivity_val_images=24",
         "engines.enabled=false",
