@@ -270,13 +270,16 @@ def _markdown(record: dict) -> str:
             cells.append(
                 f"{statistics.mean(deltas):+.3f} ± {max(deltas) - min(deltas):.2f}" if deltas else "—"
             )
-        lines.append(
-            f"| {result['method']} | {'on' if result['bias_correction'] else 'off'} | "
-            f"{_distillation(result)} | " + " | ".join(cells) + " |"
-        )
+        lines.append(_row(result, cells))
     lines += _paired_markdown(record)
     lines.append("")
     return "\n".join(lines)
+
+
+def _row(result: dict, cells: list[str]) -> str:
+    """A table row: the configuration's three columns, then ``cells``."""
+    correction = "on" if result["bias_correction"] else "off"
+    return f"| {result['method']} | {correction} | {_distillation(result)} | " + " | ".join(cells) + " |"
 
 
 def _paired_markdown(record: dict) -> list[str]:
@@ -303,10 +306,7 @@ def _paired_markdown(record: dict) -> list[str]:
                 continue
             error = statistics.stdev(differences) / len(differences) ** 0.5
             cells.append(f"{statistics.mean(differences):+.3f} ± {error:.3f} (n={len(differences)})")
-        lines.append(
-            f"| {result['method']} | {'on' if result['bias_correction'] else 'off'} | "
-            f"{_distillation(result)} | " + " | ".join(cells) + " |"
-        )
+        lines.append(_row(result, cells))
     if not lines:
         return []
     return [
