@@ -169,6 +169,9 @@ def main() -> None:
         for draw, count, seed in draws:
             chosen = select_calibration_images(source, num_images=count or len(source), seed=seed)
             batches = [b.images for b in iter_batches(chosen, spec, recipe.calibration.batch_size)]
+            # the distillation's batches, once per draw whatever the step counts (none without one)
+            distilling = any(args.finetune_steps)
+            train = [b.images for b in iter_batches(chosen, spec, finetune.batch_size)] if distilling else []
             for method_text in args.methods:
                 method, percentile = _parse_method(method_text)
                 calibrated = calibrate(
@@ -181,7 +184,6 @@ def main() -> None:
                 for steps in args.finetune_steps:
                     models = {skip: calibrated_models[skip] for skip in skips}
                     if steps:
-                        train = [b.images for b in iter_batches(chosen, spec, finetune.batch_size)]
                         for skip, model in models.items():
                             models[skip] = distill(
                                 model,
@@ -260,8 +262,7 @@ def _markdown(record: dict) -> str:
         + "; ".join(f"`{command.strip()}`" for command in record["commands"])
         + ".",
         "",
-        "| calibrator | bias correction | distillation | " + " | ".join(graphs) + " |",
-        "|---|---|---|" + "---|" * len(graphs),
+        *_header(graphs),
     ]
     for result in record["results"]:
         cells = []
@@ -274,6 +275,14 @@ def _markdown(record: dict) -> str:
     lines += _paired_markdown(record)
     lines.append("")
     return "\n".join(lines)
+
+
+def _header(graphs: list[str]) -> list[str]:
+    """A table's heading and rule: the configuration's three columns, then one per graph."""
+    return [
+        "| calibrator | bias correction | distillation | " + " | ".join(graphs) + " |",
+        "|---|---|---|" + "---|" * len(graphs),
+    ]
 
 
 def _row(result: dict, cells: list[str]) -> str:
@@ -316,8 +325,7 @@ def _paired_markdown(record: dict) -> list[str]:
         "Each cell: the distilled row minus the same calibration undistilled, in mAP points, mean over the "
         "draws ± its standard error (n draws). An effect smaller than about twice its error is not resolved.",
         "",
-        "| calibrator | bias correction | distillation | " + " | ".join(graphs) + " |",
-        "|---|---|---|" + "---|" * len(graphs),
+        *_header(graphs),
         *lines,
     ]
 
