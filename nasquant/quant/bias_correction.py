@@ -4,9 +4,10 @@ Rounding a conv's weights (and its input) to the INT8 grid moves the mean of eac
 little, and a detector's box and score heads integrate such shifts over many layers. NNCF applies the
 remedy by default (its FastBiasCorrection); ModelOpt does not. Here, in one pass of the calibrated,
 fake-quantized model over the calibration images, every quantized conv sees the input the quantized
-network gives it and is run twice on it: as quantized (its output in the pass) and in float (its own
-float weights on the unrounded input). The per-channel mean of the difference is added to the conv's
-bias. The bias stays a float tensor of the network, so every exported flavour (TensorRT's, the CPU's,
+network gives it, and its quantized output (the pass's) is compared with what its float weights give on
+the unrounded input. The per-channel mean of the difference is added to the conv's bias. Only that mean
+is needed, and a conv is linear: the float side's mean is each weight times the mean of the inputs its
+kernel tap reads, so the float conv is never run (a third less time than running it). The bias stays a float tensor of the network, so every exported flavour (TensorRT's, the CPU's,
 OpenVINO's IR) carries the correction and the graphs remain pure Q/DQ.
 
 Each conv's shift is measured on the inputs of the uncorrected network (one pass, like NNCF's fast
@@ -114,20 +115,17 @@ def correct_biases(
 
     def measure(name: str):
         def hook(module: nn.Conv2d, inputs: tuple[torch.Tensor, ...], quantized: torch.Tensor) -> None:
-            reference = F.conv2d(
-                inputs[0],
-                module.weight,
-                module.bias,
-                module.stride,
-                module.padding,
-                module.dilation,
-                module.groups,
+            # sum over the batch and positions of (float conv on the unrounded input) - (quantized conv);
+            # the float conv's sum is taken from tap sums of its input (exact by linearity), not by
+            # running the conv a second time: a third of the pass's time on YOLO-NAS-S
+            difference = _float_conv_channel_sums(module, inputs[0], quantized.shape[2:]) - _channel_sums(
+                quantized
             )
-            difference = (reference - quantized).double()
-            channel_sum = difference.sum(dim=(0, 2, 3))
-            entry = sums.setdefault(name, _ShiftSum(torch.zeros_like(channel_sum)))
-            entry.total += channel_sum
-            entry.count += difference.numel() // difference.shape[1]
+            if module.bias is not None:
+                difference += module.bias.double() * (quantized.numel() // quantized.shape[1])
+            entry = sums.setdefault(name, _ShiftSum(torch.zeros_like(difference)))
+            entry.total += difference
+            entry.count += quantized.numel() // quantized.shape[1]
 
         return hook
 
@@ -155,6 +153,40 @@ def correct_biases(
         shifts[name] = shift.cpu().numpy()
     nonnegative = frozenset(name for name, minimum in minima.items() if minimum >= 0)  # reached, never < 0
     return BiasCorrection(corrected, shifts, nonnegative)
+
+
+def _channel_sums(outputs: torch.Tensor) -> torch.Tensor:
+    """Per channel, the sum over the batch and positions, float64: each image's plane summed in float32
+    (as exact as the float32 conv that made it), the rest in float64, with no float64 copy of it all."""
+    return outputs.sum(dim=(2, 3)).double().sum(dim=0)
+
+
+def _float_conv_channel_sums(conv: nn.Conv2d, inputs: torch.Tensor, output_size: torch.Size) -> torch.Tensor:
+    """Per output channel, the sum over the batch and every output position of ``conv`` in float on
+    ``inputs``, bias left out, in float64. By linearity it is each weight times the sum of the inputs its
+    kernel tap reads, so it needs one pass of slice sums over the batch-summed input instead of a conv."""
+    (pad_h, pad_w), (stride_h, stride_w) = conv.padding, conv.stride
+    (dilation_h, dilation_w), (kernel_h, kernel_w) = conv.dilation, conv.kernel_size
+    out_h, out_w = output_size
+    image_sum = inputs.sum(dim=0).double()  # float32 over the batch (a handful of terms), then float64
+    padded = F.pad(image_sum, (pad_w, pad_w, pad_h, pad_h))
+    tap_sums = image_sum.new_empty((image_sum.shape[0], kernel_h, kernel_w))
+    for row in range(kernel_h):
+        for col in range(kernel_w):
+            top, left = row * dilation_h, col * dilation_w
+            window = padded[
+                :,
+                top : top + (out_h - 1) * stride_h + 1 : stride_h,
+                left : left + (out_w - 1) * stride_w + 1 : stride_w,
+            ]
+            tap_sums[:, row, col] = window.sum(dim=(1, 2))
+    groups, weight = conv.groups, conv.weight.double()
+    per_group = torch.einsum(
+        "goiyx,giyx->go",
+        weight.reshape(groups, -1, *weight.shape[1:]),
+        tap_sums.reshape(groups, -1, kernel_h, kernel_w),
+    )
+    return per_group.reshape(-1)
 
 
 def _activation_quantizers(model: nn.Module) -> dict[str, nn.Module]:
