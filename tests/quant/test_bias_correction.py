@@ -97,3 +97,24 @@ def test_the_cpu_flavour_is_measured_on_the_unsigned_grids_of_the_nonnegative_in
     assert unsigned.shifts.keys() == signed.shifts.keys()
     with pytest.raises(NasquantError, match="no enabled activation quantizer named 'nope'"):
         correct_biases(calibrated, batches, unsigned_quantizers=["nope"], progress=False)
+
+
+@pytest.mark.parametrize(
+    ("kernel", "stride", "padding", "dilation", "groups"),
+    [(3, 2, 1, 1, 1), (1, 1, 0, 1, 1), (3, 1, 1, 1, 8), (3, 2, 2, 2, 4), (5, 3, 2, 1, 1)],
+)
+def test_the_float_side_is_the_convs_own_per_channel_sum(
+    kernel: int, stride: int, padding: int, dilation: int, groups: int
+) -> None:
+    # The float conv is never run: its per-channel sum comes from tap sums of its input. Odd sizes put
+    # the last window against the padded border.
+    from nasquant.quant.bias_correction import _float_conv_channel_sums
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(8, 16, kernel, stride, padding, dilation, groups, bias=False)
+    inputs = torch.randn(3, 8, 23, 18)
+    with torch.no_grad():
+        outputs = conv(inputs)
+        expected = outputs.double().sum(dim=(0, 2, 3))
+        got = _float_conv_channel_sums(conv, inputs, outputs.shape[2:])
+    np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-5, atol=1e-3)
