@@ -21,6 +21,8 @@ needs_proc = pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="needs 
 def test_busy_processes_on_our_cpus_show_as_contention() -> None:
     with other_cpu_share() as quiet:
         time.sleep(0.5)
+    if (quiet.others or 0.0) > 0.5:  # the rise asserted below cannot happen on CPUs already this busy
+        pytest.skip(f"other processes already use {quiet.others:.0%} of this machine's CPUs")
     cpus = len(os.sched_getaffinity(0))
     spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cpus)]
     try:
