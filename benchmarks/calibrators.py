@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import shlex
 import statistics
 import sys
 import tempfile
@@ -207,7 +208,7 @@ def main() -> None:
                                     scores[name] = _validate(files[flavor], runtime, validation, spec)
                         line = ", ".join(f"{n} {100 * (m - fp32_map):+.3f}" for n, m in scores.items())
                         print(f"[{draw}] {_configuration(asdict(result))}: {line}", flush=True)
-    command = "python -m benchmarks.calibrators " + " ".join(sys.argv[1:])
+    command = shlex.join(["python", "-m", "benchmarks.calibrators", *sys.argv[1:]])
     record = {
         "commands": [command],
         "host": host_info(ort_threads=2),

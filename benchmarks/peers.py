@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import math
 import re
+import shlex
 import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -232,7 +233,7 @@ def main() -> None:
         _measure_accuracy(rows, recipe)
         _measure_speed(rows, args.rounds)  # last, after every other heavy step
     record = {
-        "command": "python -m benchmarks.peers " + " ".join(sys.argv[1:]),
+        "command": shlex.join(["python", "-m", "benchmarks.peers", *sys.argv[1:]]),
         "host": host_info(ort_threads=2),
         "run": str(args.run),
         "rounds": args.rounds,
