@@ -166,11 +166,14 @@ def _float_conv_channel_sums(conv: nn.Conv2d, inputs: torch.Tensor, output_size:
     """Per output channel, the sum over the batch and every output position of ``conv`` in float on
     ``inputs``, bias left out, in float64. By linearity it is each weight times the sum of the inputs its
     kernel tap reads, so it needs one pass of slice sums over the batch-summed input instead of a conv."""
-    (pad_h, pad_w), (stride_h, stride_w) = conv.padding, conv.stride
-    (dilation_h, dilation_w), (kernel_h, kernel_w) = conv.dilation, conv.kernel_size
+    (stride_h, stride_w), (dilation_h, dilation_w) = conv.stride, conv.dilation
+    kernel_h, kernel_w = conv.kernel_size
     out_h, out_w = output_size
     image_sum = inputs.sum(dim=0).double()  # float32 over the batch (a handful of terms), then float64
-    padded = F.pad(image_sum, (pad_w, pad_w, pad_h, pad_h))
+    # padding is linear in the input whatever its mode, so the batch-summed image is padded as the conv
+    # pads each image; torch keeps the amounts, "same" resolved, as (left, right, top, bottom)
+    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+    padded = F.pad(image_sum, conv._reversed_padding_repeated_twice, mode=mode)
     tap_sums = image_sum.new_empty((image_sum.shape[0], kernel_h, kernel_w))
     for row in range(kernel_h):
         for col in range(kernel_w):

@@ -100,18 +100,34 @@ def test_the_cpu_flavour_is_measured_on_the_unsigned_grids_of_the_nonnegative_in
 
 
 @pytest.mark.parametrize(
-    ("kernel", "stride", "padding", "dilation", "groups"),
-    [(3, 2, 1, 1, 1), (1, 1, 0, 1, 1), (3, 1, 1, 1, 8), (3, 2, 2, 2, 4), (5, 3, 2, 1, 1)],
+    ("kernel", "stride", "padding", "dilation", "groups", "mode"),
+    [
+        (3, 2, 1, 1, 1, "zeros"),
+        (1, 1, 0, 1, 1, "zeros"),
+        (3, 1, 1, 1, 8, "zeros"),
+        (3, 2, 2, 2, 4, "zeros"),
+        (5, 3, 2, 1, 1, "zeros"),
+        pytest.param(  # uneven: one more row of padding below than above (torch warns it copies)
+            (4, 2), 1, "same", 1, 1, "zeros", marks=pytest.mark.filterwarnings("ignore:Using padding='same'")
+        ),
+        (3, 1, 1, 1, 1, "reflect"),
+        (3, 2, (2, 1), 1, 2, "circular"),
+    ],
 )
 def test_the_float_side_is_the_convs_own_per_channel_sum(
-    kernel: int, stride: int, padding: int, dilation: int, groups: int
+    kernel: int | tuple[int, int],
+    stride: int,
+    padding: int | str | tuple[int, int],
+    dilation: int,
+    groups: int,
+    mode: str,
 ) -> None:
     # The float conv is never run: its per-channel sum comes from tap sums of its input. Odd sizes put
     # the last window against the padded border.
     from nasquant.quant.bias_correction import _float_conv_channel_sums
 
     torch.manual_seed(0)
-    conv = torch.nn.Conv2d(8, 16, kernel, stride, padding, dilation, groups, bias=False)
+    conv = torch.nn.Conv2d(8, 16, kernel, stride, padding, dilation, groups, bias=False, padding_mode=mode)
     inputs = torch.randn(3, 8, 23, 18)
     with torch.no_grad():
         outputs = conv(inputs)
