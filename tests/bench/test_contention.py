@@ -21,8 +21,6 @@ needs_proc = pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="needs 
 def test_busy_processes_on_our_cpus_show_as_contention() -> None:
     with other_cpu_share() as quiet:
         time.sleep(0.5)
-    if (quiet.others or 0.0) > 0.5:  # the rise asserted below cannot happen on CPUs already this busy
-        pytest.skip(f"other processes already use {quiet.others:.0%} of this machine's CPUs")
     cpus = len(os.sched_getaffinity(0))
     spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cpus)]
     try:
@@ -33,9 +31,11 @@ def test_busy_processes_on_our_cpus_show_as_contention() -> None:
         for spinner in spinners:
             spinner.kill()
             spinner.wait()
-    assert busy.others is not None and busy.contended
-    # measured against the same block with only this machine's usual load
-    assert busy.others > (quiet.others or 0.0) + 0.3 and busy.others > CONTENDED_SHARE
+    assert busy.others is not None and busy.contended and busy.others > CONTENDED_SHARE
+    # measured against the same block with only this machine's usual load, where that leaves room for
+    # the rise (beside another heavy job the CPUs are full before the spinners start)
+    quiet_share = quiet.others or 0.0
+    assert quiet_share > 0.5 or busy.others > quiet_share + 0.3
 
 
 class _Clocked(Backend):
