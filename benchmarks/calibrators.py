@@ -157,6 +157,7 @@ def main() -> None:
     draws = _draws(args.draws)
     corrections = {"off": (False,), "on": (True,), "both": (False, True)}[args.bias_correction]
     finetune = FinetuneSection()
+    distilling = any(args.finetune_steps)
     with tempfile.TemporaryDirectory(prefix="nasquant-calibrators-") as folder:
         work = Path(folder)
         fp32 = export_onnx(nas.model, work / "model.fp32.onnx", imgsz=spec.imgsz)
@@ -171,7 +172,6 @@ def main() -> None:
             chosen = select_calibration_images(source, num_images=count or len(source), seed=seed)
             batches = [b.images for b in iter_batches(chosen, spec, recipe.calibration.batch_size)]
             # the distillation's batches, once per draw whatever the step counts (none without one)
-            distilling = any(args.finetune_steps)
             train = [b.images for b in iter_batches(chosen, spec, finetune.batch_size)] if distilling else []
             for method_text in args.methods:
                 method, percentile = _parse_method(method_text)

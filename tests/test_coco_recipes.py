@@ -170,7 +170,7 @@ def test_a_configured_list_that_is_missing_names_the_command_that_makes_it(
 def test_m_and_l_recipes_run_end_to_end(variant: str, offline: None, tmp_path: Path) -> None:
     # The S recipe runs at its 640 px above; M and L at 320 px: their architectures, skip lists and
     # every stage are what is tested here, and 640 px made these two runs 2.5 minutes of every CI run.
-    # The quantize-everything baseline (the S run covers it) would add an export and three rows each.
+    # The quantize-everything baseline (the S run covers it) would add an export and two rows each.
     checkpoint = write_sg_checkpoint(tmp_path / f"yolo_nas_{variant}_coco.pth", f"yolo_nas_{variant}")
     run_dir = tmp_path / "run"
     overrides = [*_small(checkpoint, 8, 4), "input.size=320", "quantization.quantize_all_baseline=false"]

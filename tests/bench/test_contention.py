@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from nasquant.bench import CONTENDED_SHARE, other_cpu_share, paired_speedup
+from nasquant.bench import other_cpu_share, paired_speedup
 from nasquant.bench.latency import CALLS_PER_ROUND
 from nasquant.runtime.base import Backend
 
@@ -31,7 +31,7 @@ def test_busy_processes_on_our_cpus_show_as_contention() -> None:
         for spinner in spinners:
             spinner.kill()
             spinner.wait()
-    assert busy.others is not None and busy.contended and busy.others > CONTENDED_SHARE
+    assert busy.others is not None and busy.contended
     # measured against the same block with only this machine's usual load, where that leaves room for
     # the rise (beside another heavy job the CPUs are full before the spinners start)
     quiet_share = quiet.others or 0.0
