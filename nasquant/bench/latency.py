@@ -121,9 +121,10 @@ def _check_counts(warmup: int, iterations: int) -> None:
 @contextmanager
 def _quiet_gc() -> Iterator[None]:
     # As timeit does: a garbage collection landing inside one timed call would show up as a
-    # latency outlier that belongs to Python, not to the backend.
+    # latency outlier that belongs to Python, not to the backend. No collection beforehand (timeit
+    # has none either): with the collector off none can land inside, and a full one costs 0.3-0.4 s
+    # in a process that has imported torch, ModelOpt and ONNX Runtime, at every timed row.
     was_enabled = gc.isenabled()
-    gc.collect()
     gc.disable()
     try:
         yield

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import pytest
 import torch
@@ -16,15 +18,18 @@ IMGSZ = 64
 
 
 class CountingBackend(Backend):
-    """Delegates to a real backend and records the shape of every batch it is given."""
+    """Delegates to a real backend and records the shape of every batch it is given, and whether Python's
+    garbage collector was on during the call."""
 
     def __init__(self, inner: Backend) -> None:
         self.inner = inner
         self.name, self.precision, self.device = inner.name, inner.precision, inner.device
         self.shapes: list[tuple[int, ...]] = []
+        self.collector_on: list[bool] = []
 
     def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         self.shapes.append(images.shape)
+        self.collector_on.append(gc.isenabled())
         return self.inner.run(images)
 
     def _release(self) -> None:
@@ -72,6 +77,8 @@ def test_model_only_benchmark_of_a_real_backend(backend: TorchBackend) -> None:
     stats = benchmark_model(counting, imgsz=IMGSZ, batch=2, warmup=2, iterations=5, progress=False)
     _assert_consistent(stats, batch=2, warmup=2, iterations=5)
     assert counting.shapes == [(2, 3, IMGSZ, IMGSZ)] * 7
+    # no collection can land inside a timed call; the warm-up runs as usual and the collector is back on
+    assert counting.collector_on == [True] * 2 + [False] * 5 and gc.isenabled()
 
 
 def test_end_to_end_benchmark_preprocesses_one_image_per_call(
