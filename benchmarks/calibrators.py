@@ -18,6 +18,10 @@ over the draws, Δ vs FP32 in mAP points. No timing: a calibrator changes ranges
 row's effect paired draw by draw with its undistilled twin (mean ± standard error): a lever's effect is
 resolved only where it exceeds that error. ``--draws N`` adds seeded halves (seeds 3, 4, ...) to the
 three draws, ``--graphs`` validates only the named graphs (and distils only the models they need).
+``--agreement`` also measures how far each quantized model's head outputs are from the FP32 model's on
+the validation images (the distillation's own loss, no labels read; the fake-quantized model with the
+TensorRT flavour's bias correction): whether distillation brings the model closer to FP32 on images it
+never saw, draw by draw, whatever mAP can resolve.
 Writes ``benchmarks/calibrators.md`` and ``.json``; ``--append`` adds the rows to that record.
 """
 
@@ -30,8 +34,13 @@ import shlex
 import statistics
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
 
 from nasquant import NAS
 from nasquant.bench import host_info
@@ -41,7 +50,7 @@ from nasquant.eval.validate import validate
 from nasquant.export import export_onnx, write_cpu_flavor
 from nasquant.io import write_json
 from nasquant.quant import calibrate, correct_biases, keep_in_float
-from nasquant.quant.distill import distill
+from nasquant.quant.distill import distill, distillation_loss, head_outputs
 from nasquant.recipe import FinetuneSection, load_recipe
 from nasquant.report.markdown import host_summary
 from nasquant.runtime import OnnxRuntimeBackend
@@ -71,6 +80,9 @@ class Result:
     """The distillation's rate for the quantizers' ranges (0 = the calibrated ranges are kept)."""
     draws: dict[str, dict[str, float]] = field(default_factory=dict)
     """draw -> graph -> mAP50-95 (fraction)."""
+    agreement: dict[str, dict[str, float]] = field(default_factory=dict)
+    """draw -> model ("selective" / "all") -> distillation loss vs FP32 on the validation images
+    (``--agreement``; empty without)."""
 
 
 def _draws(count: int) -> list[tuple[str, int | None, int]]:
@@ -96,9 +108,26 @@ def _validate(path: Path, runtime: str, validation, spec) -> float:
         return validate(backend, validation, spec, batch_size=1, progress=False)["map50_95"]
 
 
-def _flavours(model, skip: str, bias_correction: bool, batches, work: Path, imgsz: int) -> dict[str, Path]:
-    """Both INT8 flavours of ``model``, as the pipeline writes them; with bias correction, each measured
-    on its own flavour's grids (the CPU flavour from a graph of the CPU-corrected biases)."""
+def _heldout_loss(model: nn.Module, teacher: nn.Module, batches: Sequence[np.ndarray]) -> float:
+    """The distillation loss of ``model`` against ``teacher`` over ``batches``, weighted by batch size."""
+    total = 0.0
+    with torch.no_grad(), head_outputs(model) as student, head_outputs(teacher) as reference:
+        for images in batches:
+            student.clear()
+            reference.clear()
+            tensor = torch.from_numpy(images)
+            teacher(tensor)
+            model(tensor)
+            total += distillation_loss(student, reference).item() * len(images)
+    return total / sum(len(images) for images in batches)
+
+
+def _flavours(
+    model, skip: str, bias_correction: bool, batches, work: Path, imgsz: int
+) -> tuple[dict[str, Path], nn.Module]:
+    """Both INT8 flavours of ``model``, as the pipeline writes them, and the model of the TensorRT flavour;
+    with bias correction, each measured on its own flavour's grids (the CPU flavour from a graph of the
+    CPU-corrected biases)."""
     trt_model = cpu_model = model
     if bias_correction:
         signed = correct_biases(model, batches, progress=False)
@@ -110,7 +139,7 @@ def _flavours(model, skip: str, bias_correction: bool, batches, work: Path, imgs
     source = trt
     if cpu_model is not trt_model:
         source = export_onnx(cpu_model, work / f"{skip}.cpu-source.onnx", imgsz=imgsz, simplify=True)
-    return {"trt": trt, "cpu": write_cpu_flavor(source, work / f"{skip}.cpu.onnx")}
+    return {"trt": trt, "cpu": write_cpu_flavor(source, work / f"{skip}.cpu.onnx")}, trt_model
 
 
 def main() -> None:
@@ -138,6 +167,11 @@ def main() -> None:
         help="calibration draws: the recipe's images, then seeded halves",
     )
     parser.add_argument("--graphs", nargs="+", choices=list(GRAPHS), help="validate only these graphs")
+    parser.add_argument(
+        "--agreement",
+        action="store_true",
+        help="also measure each model's distillation loss vs FP32 on the validation images",
+    )
     parser.add_argument("--output", type=Path, default=HERE / "calibrators")
     parser.add_argument(
         "--append", action="store_true", help="add these rows to the record at --output (same FP32, draws)"
@@ -158,6 +192,9 @@ def main() -> None:
     corrections = {"off": (False,), "on": (True,), "both": (False, True)}[args.bias_correction]
     finetune = FinetuneSection()
     distilling = any(args.finetune_steps)
+    heldout = (
+        [b.images for b in iter_batches(validation, spec, finetune.batch_size)] if args.agreement else []
+    )
     with tempfile.TemporaryDirectory(prefix="nasquant-calibrators-") as folder:
         work = Path(folder)
         fp32 = export_onnx(nas.model, work / "model.fp32.onnx", imgsz=spec.imgsz)
@@ -202,11 +239,21 @@ def main() -> None:
                     for result in chosen_results:
                         scores = result.draws.setdefault(draw, {})
                         for skip, model in models.items():
-                            files = _flavours(model, skip, result.bias_correction, batches, work, spec.imgsz)
+                            files, trt_model = _flavours(
+                                model, skip, result.bias_correction, batches, work, spec.imgsz
+                            )
+                            if heldout:
+                                result.agreement.setdefault(draw, {})[skip] = _heldout_loss(
+                                    trt_model, nas.model, heldout
+                                )
                             for name, (graph_skip, flavor, runtime) in graphs.items():
                                 if graph_skip == skip:
                                     scores[name] = _validate(files[flavor], runtime, validation, spec)
                         line = ", ".join(f"{n} {100 * (m - fp32_map):+.3f}" for n, m in scores.items())
+                        line += "".join(
+                            f", {skip} agreement loss {loss:.3e}"
+                            for skip, loss in result.agreement.get(draw, {}).items()
+                        )
                         print(f"[{draw}] {_configuration(asdict(result))}: {line}", flush=True)
     command = shlex.join(["python", "-m", "benchmarks.calibrators", *sys.argv[1:]])
     record = {
@@ -274,6 +321,7 @@ def _markdown(record: dict) -> str:
             )
         lines.append(_row(result, cells))
     lines += _paired_markdown(record)
+    lines += _agreement_markdown(record)
     lines.append("")
     return "\n".join(lines)
 
@@ -329,6 +377,53 @@ def _paired_markdown(record: dict) -> list[str]:
         *_header(graphs),
         *lines,
     ]
+
+
+def _agreement_markdown(record: dict) -> list[str]:
+    """Each row's distillation loss vs FP32 on the validation images (``--agreement``), and each
+    distilled row's change of it, paired with its undistilled twin draw by draw (empty without)."""
+    results = [r for r in record["results"] if r.get("agreement")]
+    models = [
+        m for m in ("selective", "all") if any(m in a for r in results for a in r["agreement"].values())
+    ]
+    if not models:
+        return []
+    undistilled = {(r["method"], r["bias_correction"]): r for r in results if not r.get("finetune_steps")}
+    lines = [
+        "",
+        "## Agreement with FP32 on the validation images",
+        "",
+        "Each cell: the distillation loss (class-logit KL + score-weighted DFL KL, `nasquant.quant.distill`) "
+        "of the fake-quantized model (TensorRT grids, bias-corrected when the row says so) against the FP32 "
+        "model's head outputs on the validation images, mean over the draws; for a distilled row, then its "
+        "change relative to the same calibration undistilled, mean ± standard error, and on how many draws "
+        "it came closer. No label is read: it says whether distillation generalises, not what mAP does.",
+        "",
+        "| calibrator | bias correction | distillation | " + " | ".join(models) + " |",
+        "|---|---|---|" + "---|" * len(models),
+    ]
+    for result in results:
+        twin = undistilled.get((result["method"], result["bias_correction"]))
+        cells = []
+        for model in models:
+            losses = {d: a[model] for d, a in result["agreement"].items() if model in a}
+            if not losses:
+                cells.append("—")
+                continue
+            cell = f"{statistics.mean(losses.values()):.2e}"
+            if result.get("finetune_steps") and twin is not None:
+                changes = [
+                    100 * (loss / twin["agreement"][d][model] - 1)
+                    for d, loss in losses.items()
+                    if model in twin["agreement"].get(d, {})
+                ]
+                if len(changes) >= 2:
+                    error = statistics.stdev(changes) / len(changes) ** 0.5
+                    closer = sum(change < 0 for change in changes)
+                    cell += f", {statistics.mean(changes):+.1f} % ± {error:.1f} ({closer} of {len(changes)} closer)"
+            cells.append(cell)
+        lines.append(_row(result, cells))
+    return lines
 
 
 if __name__ == "__main__":
