@@ -34,12 +34,9 @@ import shlex
 import statistics
 import sys
 import tempfile
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
-import torch
 from torch import nn
 
 from nasquant import NAS
@@ -50,7 +47,7 @@ from nasquant.eval.validate import validate
 from nasquant.export import export_onnx, write_cpu_flavor
 from nasquant.io import write_json
 from nasquant.quant import calibrate, correct_biases, keep_in_float
-from nasquant.quant.distill import distill, distillation_loss, head_outputs
+from nasquant.quant.distill import distill, mean_distillation_loss
 from nasquant.recipe import FinetuneSection, load_recipe
 from nasquant.report.markdown import host_summary
 from nasquant.runtime import OnnxRuntimeBackend
@@ -106,20 +103,6 @@ def _validate(path: Path, runtime: str, validation, spec) -> float:
         backend = OnnxRuntimeBackend(path, threads=2)
     with backend:
         return validate(backend, validation, spec, batch_size=1, progress=False)["map50_95"]
-
-
-def _heldout_loss(model: nn.Module, teacher: nn.Module, batches: Sequence[np.ndarray]) -> float:
-    """The distillation loss of ``model`` against ``teacher`` over ``batches``, weighted by batch size."""
-    total = 0.0
-    with torch.no_grad(), head_outputs(model) as student, head_outputs(teacher) as reference:
-        for images in batches:
-            student.clear()
-            reference.clear()
-            tensor = torch.from_numpy(images)
-            teacher(tensor)
-            model(tensor)
-            total += distillation_loss(student, reference).item() * len(images)
-    return total / sum(len(images) for images in batches)
 
 
 def _flavours(
@@ -243,7 +226,7 @@ def main() -> None:
                                 model, skip, result.bias_correction, batches, work, spec.imgsz
                             )
                             if heldout:
-                                result.agreement.setdefault(draw, {})[skip] = _heldout_loss(
+                                result.agreement.setdefault(draw, {})[skip] = mean_distillation_loss(
                                     trt_model, nas.model, heldout
                                 )
                             for name, (graph_skip, flavor, runtime) in graphs.items():

@@ -152,6 +152,25 @@ def distillation_loss(
     return class_sum / class_count + box_sum / weight_sum.clamp_min(1e-6)
 
 
+@torch.no_grad()
+def mean_distillation_loss(model: nn.Module, teacher: nn.Module, batches: Sequence[np.ndarray]) -> float:
+    """How far ``model``'s head outputs are from ``teacher``'s on ``batches`` (preprocessed images, as
+    given: no flips): :func:`distillation_loss` averaged over the images. On images the distillation
+    never saw, it tells whether it generalises, without labels."""
+    if not batches:
+        raise NasquantError("the distillation loss needs at least one image")
+    total = 0.0
+    with head_outputs(model) as student_outputs, head_outputs(teacher) as teacher_outputs:
+        for batch in batches:
+            student_outputs.clear()
+            teacher_outputs.clear()
+            images = torch.from_numpy(batch)
+            teacher(images)
+            model(images)
+            total += float(distillation_loss(student_outputs, teacher_outputs)) * len(batch)
+    return total / sum(len(batch) for batch in batches)
+
+
 def distill(
     model: nn.Module,
     teacher: nn.Module,

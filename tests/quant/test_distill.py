@@ -13,7 +13,13 @@ from nasquant.data.calibration import select_calibration_images
 from nasquant.data.datasets import iter_batches, load_dataset
 from nasquant.errors import NasquantError
 from nasquant.quant import keep_in_float
-from nasquant.quant.distill import distill, distillation_loss, head_outputs, learned_ranges
+from nasquant.quant.distill import (
+    distill,
+    distillation_loss,
+    head_outputs,
+    learned_ranges,
+    mean_distillation_loss,
+)
 from nasquant.settings import BOX_BRANCH_LAYERS
 from tests.shared import shared_path
 
@@ -24,22 +30,10 @@ def batches(shapes_nas: NAS) -> list[np.ndarray]:
     return [batch.images for batch in iter_batches(chosen, shapes_nas.preprocessing(), 4)]
 
 
-@torch.no_grad()
-def _loss(model: nn.Module, teacher: nn.Module, batches: list[np.ndarray]) -> float:
-    """The distillation loss of ``model`` against ``teacher`` on ``batches`` (unflipped), averaged."""
-    losses = []
-    with head_outputs(model) as student_outputs, head_outputs(teacher) as teacher_outputs:
-        for batch in batches:
-            student_outputs.clear()
-            teacher_outputs.clear()
-            model(torch.from_numpy(batch))
-            teacher(torch.from_numpy(batch))
-            losses.append(float(distillation_loss(student_outputs, teacher_outputs)))
-    return float(np.mean(losses))
-
-
 def test_the_loss_is_zero_exactly_when_the_outputs_match(shapes_nas: NAS, batches: list[np.ndarray]) -> None:
-    assert _loss(shapes_nas.model, shapes_nas.model, batches[:1]) == pytest.approx(0.0, abs=1e-7)
+    assert mean_distillation_loss(shapes_nas.model, shapes_nas.model, batches[:1]) == pytest.approx(
+        0.0, abs=1e-7
+    )
     with head_outputs(shapes_nas.model) as outputs, torch.no_grad():
         shapes_nas.model(torch.from_numpy(batches[0]))
     shifted = [(box + 0.5, cls) for box, cls in outputs]
@@ -65,7 +59,9 @@ def test_distillation_moves_the_quantized_model_toward_the_float_one(
     )
     assert not any(p.requires_grad for p in result.model.parameters())
     # on the images it trained on, closer to the float model than the calibrated model was
-    assert _loss(result.model, shapes_nas.model, batches) < _loss(selective, shapes_nas.model, batches)
+    assert mean_distillation_loss(result.model, shapes_nas.model, batches) < mean_distillation_loss(
+        selective, shapes_nas.model, batches
+    )
     # the same seed, the same steps: the first two (at the initial learning rate on any schedule) again
     again = distill(selective, shapes_nas.model, batches, steps=2, learning_rate=1e-5, progress=False)
     assert again.losses == result.losses[:2]
@@ -76,6 +72,8 @@ def test_bad_requests_are_refused(shapes_nas: NAS, calibrated: nn.Module, batche
         distill(calibrated, shapes_nas.model, batches, steps=0, learning_rate=1e-5)
     with pytest.raises(NasquantError, match="no images"):
         distill(calibrated, shapes_nas.model, [], steps=1, learning_rate=1e-5)
+    with pytest.raises(NasquantError, match="at least one image"):
+        mean_distillation_loss(calibrated, shapes_nas.model, [])
     with pytest.raises(NasquantError, match="no detection head"):
         distill(nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 1), batches, steps=1, learning_rate=1e-5)
 
@@ -90,7 +88,7 @@ def test_learned_ranges_start_at_the_calibrated_ones_and_learn(
         if isinstance(module, TensorQuantizer) and module.amax is not None
     }
     before = {name: q.amax.clone() for name, q in quantizers.items()}
-    fixed_loss = _loss(selective, shapes_nas.model, batches)
+    fixed_loss = mean_distillation_loss(selective, shapes_nas.model, batches)
     with learned_ranges(selective) as ranges:
         learned = {name for name, q in quantizers.items() if hasattr(q, "log_amax")}
         assert learned == {name for name, q in quantizers.items() if q.is_enabled}
@@ -98,7 +96,9 @@ def test_learned_ranges_start_at_the_calibrated_ones_and_learn(
         assert len(ranges) == len(learned) and all(r.requires_grad for r in ranges)
         # the same grid, computed through ModelOpt's rounding with a straight-through estimator: the
         # model is as far from the float one as with ModelOpt's own fake quantizer (rounding ties aside)
-        assert _loss(selective, shapes_nas.model, batches) == pytest.approx(fixed_loss, rel=0.05)
+        assert mean_distillation_loss(selective, shapes_nas.model, batches) == pytest.approx(
+            fixed_loss, rel=0.05
+        )
     # closed untrained: the calibrated ranges come back, the parameters and the backend are gone
     for name, quantizer in quantizers.items():
         assert torch.equal(quantizer.amax, before[name])
@@ -118,4 +118,4 @@ def test_learned_ranges_start_at_the_calibrated_ones_and_learn(
     assert moved and moved <= learned  # only enabled quantizers learn, and they did
     assert all(q.backend is None and not hasattr(q, "log_amax") for q in tuned.values())
     assert all(torch.equal(q.amax, before[name]) for name, q in quantizers.items())  # the input model kept
-    assert _loss(result.model, shapes_nas.model, batches) < fixed_loss
+    assert mean_distillation_loss(result.model, shapes_nas.model, batches) < fixed_loss
