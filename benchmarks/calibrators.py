@@ -323,16 +323,19 @@ def _row(result: dict, cells: list[str]) -> str:
     return f"| {result['method']} | {correction} | {_distillation(result)} | " + " | ".join(cells) + " |"
 
 
+def _undistilled_twins(results: list[dict]) -> dict[tuple[str, bool], dict]:
+    """The undistilled results by (calibrator, bias correction): each distilled row's twin."""
+    return {(r["method"], r["bias_correction"]): r for r in results if not r.get("finetune_steps")}
+
+
 def _paired_markdown(record: dict) -> list[str]:
     """Each distilled row's effect, paired draw by draw with the same calibration undistilled: the mean
     difference in mAP points ± its standard error (empty when no row has an undistilled twin)."""
     graphs = record["graphs"]
-    undistilled = {
-        (r["method"], r["bias_correction"]): r for r in record["results"] if not r.get("finetune_steps")
-    }
+    twins = _undistilled_twins(record["results"])
     lines = []
     for result in record["results"]:
-        twin = undistilled.get((result["method"], result["bias_correction"]))
+        twin = twins.get((result["method"], result["bias_correction"]))
         if not result.get("finetune_steps") or twin is None:
             continue
         cells = []
@@ -371,7 +374,7 @@ def _agreement_markdown(record: dict) -> list[str]:
     ]
     if not models:
         return []
-    undistilled = {(r["method"], r["bias_correction"]): r for r in results if not r.get("finetune_steps")}
+    twins = _undistilled_twins(results)
     lines = [
         "",
         "## Agreement with FP32 on the validation images",
@@ -382,11 +385,10 @@ def _agreement_markdown(record: dict) -> list[str]:
         "change relative to the same calibration undistilled, mean ± standard error, and on how many draws "
         "it came closer. No label is read: it says whether distillation generalises, not what mAP does.",
         "",
-        "| calibrator | bias correction | distillation | " + " | ".join(models) + " |",
-        "|---|---|---|" + "---|" * len(models),
+        *_header(models),
     ]
     for result in results:
-        twin = undistilled.get((result["method"], result["bias_correction"]))
+        twin = twins.get((result["method"], result["bias_correction"]))
         cells = []
         for model in models:
             losses = {d: a[model] for d, a in result["agreement"].items() if model in a}
